@@ -1,0 +1,1 @@
+"""r1c.frontends.dsl"""
