@@ -40,7 +40,7 @@ def bind_dims(f: Function, inputs: list[np.ndarray]) -> dict[str, int]:
 
 
 def to_storage(x: np.ndarray, dtype: DType) -> np.ndarray:
-    return round_to(x, dtype) if dtype in (DType.bf16, DType.fp8e4m3) else np.asarray(x).astype(dtype.numpy, copy=False)
+    return round_to(x, dtype) if dtype in (DType.bf16, DType.f16, DType.fp8e4m3) else np.asarray(x).astype(dtype.numpy, copy=False)
 
 
 def _compute_view(x: np.ndarray) -> np.ndarray:

@@ -159,9 +159,10 @@ class _Builder(lark.Transformer):
 
     def module(self, items):
         name = _name(items[0])
-        attrs = items[1] if isinstance(items[1], dict) else {}
+        # `attributes?` leaves no placeholder: items[1] is the attribute dict only when there is one.
+        attrs = items[1] if len(items) > 1 and isinstance(items[1], dict) else {}
         m = Module(name, attrs=attrs)
-        for item in items[2:]:
+        for item in items[1:]:
             if isinstance(item, Param):
                 m.params[item.name] = item
             elif isinstance(item, Function):

@@ -34,7 +34,7 @@ def format_attr(v: Attr) -> str:
         text = repr(v)
         return text if any(c in text for c in ".en") else text + ".0"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return format_string(v)
     if isinstance(v, DType):
         return v.value
     if isinstance(v, DimList):
@@ -42,6 +42,16 @@ def format_attr(v: Attr) -> str:
     if isinstance(v, tuple):
         return "[" + ",".join(format_attr(x) for x in v) + "]"
     raise TypeError(f"cannot print attribute {v!r}")
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def format_string(s: str) -> str:
+    """A double-quoted literal the parser reads back with ast.literal_eval; control characters are escaped
+    because the IR grammar's strings cannot span lines."""
+    out = (_ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in s)
+    return '"' + "".join(out) + '"'
 
 
 def format_attrs(attrs: dict[str, Attr]) -> str:
@@ -54,7 +64,7 @@ def print_op(op: Op) -> str:
     lhs = ", ".join(str(r) for r in op.results)
     args = ", ".join(str(o) for o in op.operands)
     types = ", ".join(str(r.type) for r in op.results)
-    loc = f' loc("{op.loc}")' if op.loc else ""
+    loc = f" loc({format_string(op.loc)})" if op.loc else ""
     return f"{lhs} = {op.name}({args}){format_attrs(op.attrs)} : {types}{loc}"
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from r1c.ir.core import Attr, DimList
+from r1c.ir.dims import DimError
 from r1c.ir.types import DType, TensorType
 
 REQUIRED = object()
@@ -136,7 +137,10 @@ class OpDef:
 
     def infer(self, operand_types: list[TensorType], attrs: dict[str, Attr]) -> list[TensorType]:
         self.check_arity(len(operand_types))
-        return self.type_rule(operand_types, attrs)
+        try:
+            return self.type_rule(operand_types, attrs)
+        except DimError as e:  # a bad dim in an attribute (reshape to [-2, 4]) is a type error of this op
+            raise OpError(f"{self.name}: {e}") from None
 
 
 _REGISTRY: dict[str, OpDef] = {}

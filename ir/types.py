@@ -54,6 +54,8 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
     if dtype == DType.bf16:
         bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round to nearest even
+        # The carry wraps a NaN with a full mantissa around to 0; give the canonical NaN (torch scalar path).
+        rounded = np.where(np.isnan(np.asarray(x, np.float32)), 0x7FC00000, rounded)
         return rounded.astype(np.uint32).view(np.float32)
     if dtype == DType.fp8e4m3:
         x = np.clip(np.asarray(x, np.float32), -448.0, 448.0)
@@ -61,6 +63,9 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
         exp = np.floor(np.log2(np.maximum(mag, 2.0**-9)))
         step = 2.0 ** (np.maximum(exp, -6) - 3)  # 3 mantissa bits; subnormals below 2^-6
         return (np.round(x / step) * step).astype(np.float32)
+    if dtype == DType.f16:
+        # Via float32 like bf16/fp8: ops compute in float32, and f64 -> f16 directly can round differently.
+        return np.asarray(x, np.float32).astype(np.float16)
     return np.asarray(x).astype(dtype.numpy)
 
 

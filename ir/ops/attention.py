@@ -21,7 +21,7 @@ def _attention_rule(ins, a):
     same_dim("attention", k.shape[1], v.shape[1], "heads of k and v")
     same_dim("attention", k.shape[2], v.shape[2], "length of k and v")
     h, hkv = q.shape[1], k.shape[1]
-    if isinstance(h, int) and isinstance(hkv, int) and h % hkv:
+    if isinstance(h, int) and isinstance(hkv, int) and (hkv == 0 or h % hkv):  # 0 kv heads: no ZeroDivisionError
         raise OpError(f"attention: {h} query heads are not a multiple of {hkv} key/value heads")
     if a["window"] < 0 or a["sinks"] < 0:
         raise OpError("attention: window and sinks must be >= 0")
@@ -57,11 +57,24 @@ def _attention_ref(ins, a):
     return [np.einsum("bhqk,bhkd->bhqd", p, v)]
 
 
+def visible_pairs(sq: int, skv: int, causal: bool, window: int, sinks: int) -> int:
+    """Number of (query, key) pairs the mask keeps, in closed form (no sq x skv mask is built)."""
+    if not causal:
+        return sq * skv
+    p = np.arange(sq, dtype=np.int64) + (skv - sq)  # absolute position of each query
+    seen = np.clip(p + 1, 0, skv)
+    if window:
+        in_window = np.minimum(seen, window)
+        sink_extra = np.clip(np.minimum(sinks, p - window + 1), 0, None)
+        seen = in_window + sink_extra
+    return int(seen.sum())
+
+
 def _attention_cost(ins, outs, a):
     q, k, v = ins
     b, h, sq, dk = q.shape
     skv, dv = k.shape[2], v.shape[3]
-    visible = int(attention_mask(sq, skv, a["causal"], a["window"], a["sinks"]).sum()) if sq * skv <= 1 << 24 else sq * skv
+    visible = visible_pairs(sq, skv, a["causal"], a["window"], a["sinks"])
     return Cost(2 * b * h * visible * (dk + dv), bytes_of(ins) + bytes_of(outs))
 
 

@@ -130,6 +130,10 @@ def _xent_ref(ins, a):
     m = x.max(axis=-1, keepdims=True)
     logp = x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
     keep = labels != a["ignore_index"]
+    bad = keep & ((labels < 0) | (labels >= x.shape[-1]))
+    if bad.any():  # a negative label would otherwise silently index from the end
+        raise OpError(f"cross_entropy: label {labels[bad][0]} out of range [0, {x.shape[-1]}) "
+                      f"and not ignore_index {a['ignore_index']}")
     if not keep.any():
         return [np.float64(0.0)]
     picked = logp[np.arange(len(labels))[keep], labels[keep].astype(np.int64)]

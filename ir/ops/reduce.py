@@ -104,8 +104,13 @@ def _topk_rule(ins, a):
 
 def _topk_ref(ins, a):
     x, k, axis = ins[0], a["k"], a["axis"]
-    key = -x if a["largest"] else x
-    idx = np.argsort(key, axis=axis, kind="stable")  # stable: ties go to the lower index, like torch on CPU
+    if a["largest"]:
+        # Descending without negating the key (negation overflows at INT_MIN): sort the reversed axis
+        # ascending and reverse that order, which keeps ties at the lower index and NaN first, like torch.
+        n = x.shape[axis]
+        idx = (n - 1) - np.flip(np.argsort(np.flip(x, axis), axis=axis, kind="stable"), axis)
+    else:
+        idx = np.argsort(x, axis=axis, kind="stable")  # stable: ties go to the lower index, like torch on CPU
     idx = np.take(idx, np.arange(k), axis=axis)
     return [np.take_along_axis(x, idx, axis=axis), idx.astype(np.int32)]
 

@@ -56,5 +56,7 @@ register(OpDef(
 register(OpDef(
     "cast", "Convert to `dtype` (floats round to nearest even; float->int truncates toward zero).", ("x",),
     lambda ins, a: [ins[0].with_dtype(a["dtype"])],
-    lambda ins, a: [ins[0].astype(np.float32) if a["dtype"].is_float else np.trunc(ins[0]) if ins[0].dtype.kind == "f" else ins[0]],
+    lambda ins, a: [ins[0].astype(np.float32) if a["dtype"].is_float
+                    else ins[0] != 0 if a["dtype"] == DType.bool  # nonzero is true: do not truncate 0.5 to 0 first
+                    else np.trunc(ins[0]) if ins[0].dtype.kind == "f" else ins[0]],
     traffic_cost, {"dtype": AttrSpec("dtype")}))
