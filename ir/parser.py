@@ -13,7 +13,13 @@ from r1c.ir.types import TensorType, parse_dtype
 
 
 class IRParseError(ValueError):
-    pass
+    def __init__(self, message: str, pos: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.pos = pos  # (line, column) of the offending token, when known
+
+
+def _pos(tok: object) -> tuple[int, int] | None:
+    return (tok.line, tok.column) if isinstance(tok, lark.Token) and tok.line is not None else None
 
 
 class _Sym(str):
@@ -107,7 +113,7 @@ class _Builder(lark.Transformer):
         return ("op", items)
 
     def ret(self, items):
-        return ("ret", [str(v)[1:] for v in items if v is not None])
+        return ("ret", [v for v in items if v is not None])
 
     def func(self, items):
         name = _name(items[0])
@@ -115,10 +121,10 @@ class _Builder(lark.Transformer):
         env: dict[str, Value] = {}
         args, ret_types, body, rets = [], [], [], []
 
-        def use(tok: str, where: str) -> Value:
-            key = tok[1:] if tok.startswith("%") else tok
+        def use(tok: lark.Token, where: str) -> Value:
+            key = str(tok)[1:]
             if key not in env:
-                raise IRParseError(f"@{name}: {where} uses %{key} before it is defined")
+                raise IRParseError(f"@{name}: {where} uses %{key} before it is defined", _pos(tok))
             return env[key]
 
         for item in rest:
@@ -131,14 +137,14 @@ class _Builder(lark.Transformer):
             elif item[0] == "op":
                 body.append(self._op(item[1], use, env, name))
             elif item[0] == "ret":
-                rets = [use("%" + r, "return") for r in item[1]]
+                rets = [use(r, "return") for r in item[1]]
         if [r.type for r in rets] != ret_types:
-            raise IRParseError(f"@{name}: return types {[str(r.type) for r in rets]} do not match signature "
-                               f"{[str(t) for t in ret_types]}")
+            got = ", ".join(f"{r}: {r.type}" for r in rets)
+            raise IRParseError(f"@{name}: returns ({got}) but the signature says ({', '.join(map(str, ret_types))})")
         return Function(name, args, body, rets)
 
     def _op(self, items, use, env, fname) -> Op:
-        results = [str(t)[1:] for t in items if isinstance(t, lark.Token) and t.type == "VALUE"]
+        results = [t for t in items if isinstance(t, lark.Token) and t.type == "VALUE"]
         opname_idx = next(i for i, t in enumerate(items) if isinstance(t, lark.Token) and t.type == "OPNAME")
         result_names = results[:opname_idx]
         operand_toks = [t for t in items[opname_idx + 1:] if isinstance(t, lark.Token) and t.type == "VALUE"]
@@ -148,11 +154,12 @@ class _Builder(lark.Transformer):
         opname = str(items[opname_idx])
         if len(types) != len(result_names):
             raise IRParseError(f"@{fname}: {opname} defines {len(result_names)} values but lists {len(types)} types")
-        operands = tuple(use(str(t), opname) for t in operand_toks)
+        operands = tuple(use(t, opname) for t in operand_toks)
         res = []
-        for n, t in zip(result_names, types):
+        for tok, t in zip(result_names, types):
+            n = str(tok)[1:]
             if n in env:
-                raise IRParseError(f"@{fname}: %{n} is defined twice (second time by {opname})")
+                raise IRParseError(f"@{fname}: %{n} is defined twice (second time by {opname})", _pos(tok))
             env[n] = Value(n, t)
             res.append(env[n])
         return Op(opname, operands, tuple(res), attrs, loc)
@@ -180,10 +187,17 @@ def parse_module(text: str, source_name: str = "<ir>") -> Module:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as e:
         line = text.splitlines()[e.line - 1] if 0 < e.line <= len(text.splitlines()) else ""
-        raise IRParseError(f"{source_name}:{e.line}:{e.column}: unexpected input\n  {line}\n  {' ' * (e.column - 1)}^") from None
+        found = getattr(e, "token", None)
+        what = f"unexpected {str(found)!r}" if found else f"unexpected {getattr(e, 'char', 'input')!r}"
+        if getattr(e, "expected", None):
+            what += f", expected one of {', '.join(sorted(e.expected)[:8])}"
+        raise IRParseError(f"{source_name}:{e.line}:{e.column}: {what}\n  {line}\n  {' ' * (e.column - 1)}^",
+                           (e.line, e.column)) from None
     try:
         return _Builder(source_name).transform(tree)
     except lark.exceptions.VisitError as e:
         if isinstance(e.orig_exc, (IRParseError, ValueError)):
-            raise IRParseError(f"{source_name}: {e.orig_exc}") from None
+            pos = getattr(e.orig_exc, "pos", None)
+            where = f"{source_name}:{pos[0]}:{pos[1]}" if pos else source_name
+            raise IRParseError(f"{where}: {e.orig_exc}", pos) from None
         raise

@@ -1,0 +1,119 @@
+"""`r1c compile` (model -> artifact directory) and `r1c run` (artifact + token ids -> next-token logits)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from r1c.api import InputError, load_weights
+from r1c.cli_common import add_set_flag, console, load_model
+
+
+def add_compile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compile", help="compile a model to an artifact directory",
+                       description="Compile a .r1 model (or .ir module) for a target into an artifact directory.")
+    p.add_argument("model", nargs="?", help="model file (.r1 or .ir); optional with --from-hf")
+    p.add_argument("--target", default="ref", help="compilation target (default: ref)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="artifact directory to write")
+    p.add_argument("--passes", metavar="PIPELINE", help='pass pipeline to run first, e.g. "canonicalize,cse"')
+    add_set_flag(p)
+    p.add_argument("--seed", type=int, default=0, help="seed for initializing weights (default: 0)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", metavar="FILE", help="load weights from a .safetensors file")
+    w.add_argument("--from-hf", metavar="DIR", help="load model and weights from a Hugging Face DeepSeek checkpoint")
+    p.set_defaults(run=run_compile)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    import r1c
+
+    if args.sets and not args.model:
+        raise InputError("--set overrides a .r1 model's config; --from-hf alone takes its config from the checkpoint")
+    weights = None
+    if args.from_hf:
+        from r1c.frontends.hf import load_hf
+        hf_module, weights = load_hf(args.from_hf)
+        module = load_model(args.model, args.sets) if args.model else hf_module
+    elif args.model:
+        module = load_model(args.model, args.sets)
+    else:
+        raise InputError("compile needs a model file (or --from-hf DIR)")
+    if args.weights:
+        weights = load_weights(args.weights)
+    art = r1c.compile(module, target=args.target, passes=args.passes, weights=weights, seed=args.seed,
+                      out_dir=args.output)
+    params = art.manifest["parameters"]["elements"]
+    source = "loaded" if weights is not None else f"initialized with seed {args.seed}"
+    print(f"compiled @{art.module.name} for target '{art.target}' -> {art.path} "
+          f"({params:,} parameters, {source}; {len(art.module.main.body)} ops)")
+    return 0
+
+
+def add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a compiled artifact on token ids",
+                       description="Run an artifact on token ids and print the top next-token logits of each row.")
+    p.add_argument("artifact", help="artifact directory written by `r1c compile`")
+    p.add_argument("--tokens", action="append", required=True, metavar='"ID ID ..."',
+                   help="token ids of one row (repeat for a batch; rows must have equal length)")
+    p.add_argument("--top", type=int, default=5, help="how many next-token candidates to show (default: 5)")
+    p.add_argument("--output", metavar="FILE.npy", help="save the logits [B, S, V] to a .npy file")
+    p.set_defaults(run=run_run)
+
+
+def parse_tokens(rows: list[str]) -> np.ndarray:
+    parsed = []
+    for i, row in enumerate(rows):
+        items = [t for t in re.split(r"[\s,]+", row.strip()) if t]
+        if not items:
+            raise InputError(f"--tokens row {i + 1} is empty")
+        try:
+            parsed.append([int(t) for t in items])
+        except ValueError:
+            bad = next(t for t in items if not re.fullmatch(r"[+-]?\d+", t))
+            raise InputError(f"--tokens row {i + 1}: {bad!r} is not an integer token id") from None
+    lengths = {len(r) for r in parsed}
+    if len(lengths) > 1:
+        raise InputError(f"--tokens rows have different lengths {sorted(lengths)}; a batch needs equal lengths")
+    arr = np.array(parsed, dtype=np.int64)
+    if np.abs(arr).max() >= 2**31:
+        raise InputError("--tokens: token id does not fit in int32")
+    return arr.astype(np.int32)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from r1c.artifact import load
+
+    if args.top < 1:
+        raise InputError(f"--top must be >= 1, got {args.top}")
+    if args.output and not args.output.endswith(".npy"):
+        raise InputError(f"--output {args.output}: logits are saved as .npy; use a name ending in .npy")
+    art = load(args.artifact)
+    f = art.module.functions[art.entry]
+    if len(f.args) != 1 or f.args[0].type.dtype.is_float or f.args[0].type.rank != 2:
+        sig = ", ".join(f"%{a.name}: {a.type}" for a in f.args)
+        raise InputError(f"r1c run feeds one token tensor [B, S]; @{f.name} takes ({sig})")
+    tokens = parse_tokens(args.tokens)
+    outputs = art.run([tokens])
+    logits = np.asarray(outputs[0])
+    if logits.ndim != 3:
+        raise InputError(f"@{f.name} returns {f.results[0].type}; r1c run expects logits [B, S, V]")
+    if args.output:
+        np.save(args.output, logits.astype(np.float32))
+        print(f"saved logits {list(logits.shape)} to {Path(args.output)}")
+        return 0
+    k = min(args.top, logits.shape[-1])
+    out = console()
+    out.print(f"top-{k} next tokens after the last position of each row ({art.module.name}, target {art.target}):")
+    table = Table()
+    for col in ("row", "rank", "token", "logit"):
+        table.add_column(col, justify="right")
+    for b in range(logits.shape[0]):
+        last = logits[b, -1].astype(np.float64)
+        for rank, tok in enumerate(np.argsort(-last, kind="stable")[:k]):
+            table.add_row(str(b) if rank == 0 else "", str(rank + 1), str(int(tok)), f"{last[tok]:.4f}")
+    out.print(table)
+    return 0
