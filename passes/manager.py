@@ -96,6 +96,7 @@ class PassManager:
         if not err <= self.numerics_tol:
             raise NumericsError(f"pass '{name}' changed the result: max relative error {err:.3g} > tolerance "
                                 f"{self.numerics_tol:g} (env {self.numerics_env}, seed {self.seed})")
+        self._out.write(f"// numerics after {name}: max relative error {err:.3g} (tolerance {self.numerics_tol:g})\n")
 
 
 def _timing_table(timings: list[tuple[str, float]]) -> str:

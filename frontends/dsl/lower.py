@@ -111,6 +111,12 @@ class Lowerer:
                 self.exec_param(s, frame)
             elif isinstance(s, n.Return):
                 return [(self.eval(x, frame), x) for x in s.values]
+            elif isinstance(s, n.Error):
+                message = self.eval(s.message, frame)
+                if not isinstance(message, str):
+                    raise DSLError(f"error() takes a string, got {describe(message)}", s.message.pos,
+                                   hint='error("what is wrong and what to do")')
+                raise DSLError(message, s.pos, hint="raised by an error() statement of the model source")
             elif isinstance(s, n.If):
                 out = self.exec_if(s, frame)
                 if out is not None:

@@ -132,6 +132,11 @@ class Return(Stmt):
 
 
 @dataclass
+class Error(Stmt):
+    message: Expr
+
+
+@dataclass
 class If(Stmt):
     branches: list[tuple[Expr, list[Stmt]]]
     orelse: list[Stmt] | None

@@ -235,6 +235,9 @@ class _ToNodes(Transformer):
     def return_stmt(self, meta, *values):
         return n.Return(self._pos(meta), _present(values))
 
+    def error_stmt(self, meta, message):
+        return n.Error(self._pos(meta), message)
+
     def if_stmt(self, meta, *parts):
         *pairs, orelse = parts
         branches = [(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]

@@ -67,6 +67,10 @@ CASES = [
          "block 'softmax' has the name of an op", "rename"),
     Case("recursion", "block a(x) { return b(x) }\nblock b(x) { return a(x) + 1 }\n" + F + "  return a(x)\n}\n",
          2, 21, "a(x)", "block 'a' calls itself (a -> b -> a)", "recursion"),
+    Case("error-statement", "config { mode = \"x\" }\n" + F + "  if mode != \"y\" {\n    error(\"mode must be y\")\n  }\n"
+         "  return x\n}\n", 4, 5, "error", "mode must be y", "error() statement"),
+    Case("error-statement-not-string", F + "  error(3)\n  return x\n}\n", 2, 9, "3", "error() takes a string",
+         "error(\""),
     Case("tensor-if-condition", F + "  if x > 0 {\n    x = x * 2\n  }\n  return x\n}\n", 2, 6, "x > 0",
          "`if` condition must be a compile-time constant", "where(cond, a, b)"),
     Case("int-if-condition", "config { n = 3 }\n" + F + "  if n {\n    x = x * 2\n  }\n  return x\n}\n", 3, 6, "n",

@@ -77,3 +77,12 @@ def test_no_routed_experts_means_all_dense() -> None:
     (tokens,) = random_inputs(module, module.main, {"B": 1, "S": 4}, seed=2)
     (logits,) = run(module, [tokens], init_weights(module, seed=3))
     assert np.isfinite(logits).all() and logits.std() > 0
+
+
+@pytest.mark.parametrize("key, value, message", [("scoring", "relu", "scoring must be"),
+                                                 ("group_score", "mean", "group_score must be")])
+def test_unsupported_routing_choice_is_a_located_error(key: str, value: str, message: str) -> None:
+    from r1c.frontends.dsl import DSLError
+    with pytest.raises(DSLError, match=message) as err:
+        load(EXAMPLES / "r1-tiny.r1", overrides={key: value})
+    assert err.value.filename.endswith("deepseek.r1")

@@ -97,6 +97,14 @@ def test_numerics_check_names_the_first_bad_pass(bad_passes) -> None:
     PassManager("canonicalize,cse,bad-sub").run(parse_module(TEXT))  # without the check nothing notices
 
 
+def test_numerics_check_reports_each_pass() -> None:
+    buf = io.StringIO()
+    PassManager("canonicalize,cse", check_numerics=True, out=buf).run(parse_module(TEXT))
+    lines = buf.getvalue().splitlines()
+    assert [line.split()[3].rstrip(":") for line in lines] == ["canonicalize", "cse"]
+    assert all(float(line.split()[7]) <= 1e-4 for line in lines)
+
+
 def test_numerics_check_needs_stable_param_names(bad_passes) -> None:
     with pytest.raises(NumericsError, match=r"pass 'bad-rename'.*parameter @w2.*names to stay stable"):
         PassManager("bad-rename", check_numerics=True).run(parse_module(TEXT))
