@@ -65,7 +65,8 @@ def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
         return (np.round(x / step) * step).astype(np.float32)
     if dtype == DType.f16:
         # Via float32 like bf16/fp8: ops compute in float32, and f64 -> f16 directly can round differently.
-        return np.asarray(x, np.float32).astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond f16's range is inf, as in torch
+            return np.asarray(x, np.float32).astype(np.float16)
     return np.asarray(x).astype(dtype.numpy)
 
 

@@ -1,17 +1,15 @@
 """Read `.safetensors` files into numpy, including dtypes numpy lacks (bf16, fp8).
 
-`safetensors.numpy` refuses bf16 and fp8 tensors, which is what DeepSeek checkpoints hold, so the file is
-parsed directly (8-byte header length, JSON header, raw little-endian data) and float tensors are widened
-to float32 exactly.
+`safetensors.numpy` refuses bf16 and fp8 tensors, which is what DeepSeek checkpoints hold, so the tensors are
+taken as raw little-endian bytes from `safetensors.deserialize` and float tensors are widened to float32 exactly.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
+import safetensors
 
 
 class SafetensorsError(ValueError):
@@ -47,19 +45,9 @@ def _decode(raw: np.ndarray, dtype: str, shape: list[int], name: str, path: Path
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of one file; float tensors come back as float32, integer ones keep their type."""
     path = Path(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    if data.size < 8:
-        raise SafetensorsError(f"{path}: too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
     try:
-        header = json.loads(bytes(data[8:8 + header_len]))
-    except ValueError as e:
-        raise SafetensorsError(f"{path}: bad safetensors header: {e}") from None
-    base = 8 + header_len
-    out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, stop = info["data_offsets"]
-        out[name] = _decode(np.asarray(data[base + start:base + stop]), info["dtype"], info["shape"], name, path)
-    return out
+        tensors = safetensors.deserialize(path.read_bytes())
+    except safetensors.SafetensorError as e:
+        raise SafetensorsError(f"{path}: not a valid safetensors file: {e}") from None
+    return {name: _decode(np.frombuffer(info["data"], dtype=np.uint8), info["dtype"], info["shape"], name, path)
+            for name, info in tensors}
