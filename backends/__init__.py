@@ -69,10 +69,12 @@ def get_target(name: str) -> Target:
         return _TARGETS[name]
     available = ", ".join(sorted(_TARGETS)) or "none"
     if name in PLANNED:
-        raise TargetError(f"target '{name}' is not implemented yet (planned: {PLANNED[name]}); "
-                          f"available targets: {available}")
-    raise TargetError(f"unknown target '{name}'; available targets: {available} "
-                      f"(planned: {', '.join(sorted(PLANNED))})")
+        raise TargetError(
+            f"target '{name}' is not implemented yet (planned: {PLANNED[name]}); available targets: {available}"
+        )
+    raise TargetError(
+        f"unknown target '{name}'; available targets: {available} (planned: {', '.join(sorted(PLANNED))})"
+    )
 
 
 __all__ = ["PLANNED", "Target", "TargetError", "all_targets", "get_target", "register_target"]

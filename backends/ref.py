@@ -28,5 +28,6 @@ def run_ref(artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:
     return run(artifact.module, inputs, artifact.weights, function=artifact.entry)
 
 
-register_target("ref", compile_ref, "numpy reference interpreter (verified IR + weights; the correctness oracle)",
-                run_ref)
+register_target(
+    "ref", compile_ref, "numpy reference interpreter (verified IR + weights; the correctness oracle)", run_ref
+)

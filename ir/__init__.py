@@ -7,5 +7,22 @@ from r1c.ir.printer import print_module
 from r1c.ir.types import DType, TensorType, tensor
 from r1c.ir.verifier import VerifyError, verify
 
-__all__ = ["DType", "DimList", "Function", "IRParseError", "Module", "Op", "Param", "TensorType", "Value",
-           "VerifyError", "init_weights", "parse_module", "print_module", "random_inputs", "run", "tensor", "verify"]
+__all__ = [
+    "DType",
+    "DimList",
+    "Function",
+    "IRParseError",
+    "Module",
+    "Op",
+    "Param",
+    "TensorType",
+    "Value",
+    "VerifyError",
+    "init_weights",
+    "parse_module",
+    "print_module",
+    "random_inputs",
+    "run",
+    "tensor",
+    "verify",
+]

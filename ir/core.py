@@ -25,7 +25,9 @@ def freeze_attr(v: Any) -> Attr:
         return v
     if isinstance(v, (list, tuple)):
         frozen = tuple(freeze_attr(x) for x in v)
-        if any(isinstance(x, str) for x in frozen) and all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in frozen):
+        if any(isinstance(x, str) for x in frozen) and all(
+            isinstance(x, (int, str)) and not isinstance(x, bool) for x in frozen
+        ):
             raise TypeError("a list mixing ints and strings is ambiguous: wrap shape lists in DimList")
         return frozen
     if isinstance(v, (bool, int, float, str, DType)) or v is None:
@@ -65,6 +67,7 @@ class Op:
 @dataclass
 class Param:
     """A named weight of the module. `init` is an initializer spec such as "normal(0.02)", "ones", "zeros"."""
+
     name: str
     type: TensorType
     init: str = "zeros"
@@ -114,11 +117,13 @@ class Module:
 
     def __str__(self) -> str:
         from r1c.ir.printer import print_module
+
         return print_module(self)
 
 
 def symbolic_dims(types: list[TensorType]) -> set[str]:
     from r1c.ir import dims
+
     return {s for t in types for d in t.shape for s in dims.symbols(d)}
 
 

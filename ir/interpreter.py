@@ -22,8 +22,9 @@ class InterpreterError(RuntimeError):
 def bind_dims(f: Function, inputs: list[np.ndarray]) -> dict[str, int]:
     """Bind the function's symbolic dims from the shapes of concrete inputs."""
     if len(inputs) != len(f.args):
-        raise InterpreterError(f"@{f.name} takes {len(f.args)} inputs ({', '.join(str(a) for a in f.args)}), "
-                               f"got {len(inputs)}")
+        raise InterpreterError(
+            f"@{f.name} takes {len(f.args)} inputs ({', '.join(str(a) for a in f.args)}), got {len(inputs)}"
+        )
     env: dict[str, int] = {}
     # Bind plain symbols first so products like B*S can be checked afterwards.
     for pass_ in range(2):
@@ -34,13 +35,18 @@ def bind_dims(f: Function, inputs: list[np.ndarray]) -> dict[str, int]:
                 if pass_ == 0 and isinstance(d, str) and "*" in d:
                     continue
                 if not dims.unify(d, n, env):
-                    raise InterpreterError(f"input %{a.name}: dimension {d} does not match size {n} (shape {x.shape}, "
-                                           f"type {a.type})")
+                    raise InterpreterError(
+                        f"input %{a.name}: dimension {d} does not match size {n} (shape {x.shape}, type {a.type})"
+                    )
     return env
 
 
 def to_storage(x: np.ndarray, dtype: DType) -> np.ndarray:
-    return round_to(x, dtype) if dtype in (DType.bf16, DType.f16, DType.fp8e4m3) else np.asarray(x).astype(dtype.numpy, copy=False)
+    return (
+        round_to(x, dtype)
+        if dtype in (DType.bf16, DType.f16, DType.fp8e4m3)
+        else np.asarray(x).astype(dtype.numpy, copy=False)
+    )
 
 
 def _compute_view(x: np.ndarray) -> np.ndarray:
@@ -67,25 +73,31 @@ def run_function(m: Module, f: Function, inputs: list[np.ndarray], weights: dict
         opdef = registry.get(op.name)
         args = [_compute_view(values[v]) for v in op.operands]
         # References see concrete shapes: symbolic dims in attributes (reshape targets, ...) are bound here.
-        attrs = {k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v
-                 for k, v in op.attrs.items()}
+        attrs = {
+            k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v for k, v in op.attrs.items()
+        }
         try:
             with np.errstate(all="ignore"):  # IEEE results (inf, nan) are the defined meaning, not a warning
                 outs = opdef.reference(args, attrs)
         except Exception as e:  # name the op: a bare numpy error says nothing about where it came from
-            raise InterpreterError(f"reference of '{op.name}' defining {', '.join(str(r) for r in op.results)} "
-                                   f"failed: {type(e).__name__}: {e}") from e
+            raise InterpreterError(
+                f"reference of '{op.name}' defining {', '.join(str(r) for r in op.results)} "
+                f"failed: {type(e).__name__}: {e}"
+            ) from e
         for r, x in zip(op.results, outs):
             want = r.type.concrete(env) if all(dims.symbols(d) <= env.keys() for d in r.type.shape) else None
             if want is not None and tuple(np.shape(x)) != want:
-                raise InterpreterError(f"reference of '{op.name}' gave %{r.name} shape {np.shape(x)}, "
-                                       f"its type {r.type} says {want}")
+                raise InterpreterError(
+                    f"reference of '{op.name}' gave %{r.name} shape {np.shape(x)}, its type {r.type} says {want}"
+                )
             with np.errstate(over="ignore"):  # narrowing overflows to inf, as the hardware does
                 values[r] = to_storage(np.asarray(x), r.type.dtype)
     return [values[r] for r in f.results]
 
 
-def run(m: Module, inputs: list[np.ndarray], weights: dict[str, np.ndarray], function: str | None = None) -> list[np.ndarray]:
+def run(
+    m: Module, inputs: list[np.ndarray], weights: dict[str, np.ndarray], function: str | None = None
+) -> list[np.ndarray]:
     f = m.functions[function] if function else m.main
     return run_function(m, f, inputs, weights)
 
@@ -111,7 +123,9 @@ def init_weight(t: TensorType, init: str, rng: np.random.Generator) -> np.ndarra
     elif kind == "constant":
         x = np.full(shape, args[0])
     else:
-        raise ValueError(f"unknown initializer {kind!r}; expected zeros, ones, normal(std), uniform(lo,hi), constant(v)")
+        raise ValueError(
+            f"unknown initializer {kind!r}; expected zeros, ones, normal(std), uniform(lo,hi), constant(v)"
+        )
     return to_storage(x.astype(np.float32), t.dtype)
 
 

@@ -147,10 +147,10 @@ class _Builder(lark.Transformer):
         results = [t for t in items if isinstance(t, lark.Token) and t.type == "VALUE"]
         opname_idx = next(i for i, t in enumerate(items) if isinstance(t, lark.Token) and t.type == "OPNAME")
         result_names = results[:opname_idx]
-        operand_toks = [t for t in items[opname_idx + 1:] if isinstance(t, lark.Token) and t.type == "VALUE"]
+        operand_toks = [t for t in items[opname_idx + 1 :] if isinstance(t, lark.Token) and t.type == "VALUE"]
         attrs = next((t for t in items if isinstance(t, dict)), {})
         types = [t for t in items if isinstance(t, TensorType)]
-        loc = next((t for t in items[opname_idx + 1:] if isinstance(t, str) and not isinstance(t, lark.Token)), None)
+        loc = next((t for t in items[opname_idx + 1 :] if isinstance(t, str) and not isinstance(t, lark.Token)), None)
         opname = str(items[opname_idx])
         if len(types) != len(result_names):
             raise IRParseError(f"@{fname}: {opname} defines {len(result_names)} values but lists {len(types)} types")
@@ -191,8 +191,9 @@ def parse_module(text: str, source_name: str = "<ir>") -> Module:
         what = f"unexpected {str(found)!r}" if found else f"unexpected {getattr(e, 'char', 'input')!r}"
         if getattr(e, "expected", None):
             what += f", expected one of {', '.join(sorted(e.expected)[:8])}"
-        raise IRParseError(f"{source_name}:{e.line}:{e.column}: {what}\n  {line}\n  {' ' * (e.column - 1)}^",
-                           (e.line, e.column)) from None
+        raise IRParseError(
+            f"{source_name}:{e.line}:{e.column}: {what}\n  {line}\n  {' ' * (e.column - 1)}^", (e.line, e.column)
+        ) from None
     try:
         return _Builder(source_name).transform(tree)
     except lark.exceptions.VisitError as e:

@@ -1,14 +1,14 @@
 """IR text printer. The format (parsed back by `r1c.ir.parser`):
 
-    module @tiny attributes {dim=64} {
-      param @w : f32[64,64] = normal(0.02)
-      func @forward(%x: f32[B,64]) -> (f32[B,64]) {
-        %w = param {name="w"} : f32[64,64]
-        %0 = linear(%x, %w) : f32[B,64] loc("layers.0.mlp")
-        %1, %2 = topk(%0) {axis=-1, k=2} : f32[B,2], int32[B,2]
-        return %0
-      }
-    }
+module @tiny attributes {dim=64} {
+  param @w : f32[64,64] = normal(0.02)
+  func @forward(%x: f32[B,64]) -> (f32[B,64]) {
+    %w = param {name="w"} : f32[64,64]
+    %0 = linear(%x, %w) : f32[B,64] loc("layers.0.mlp")
+    %1, %2 = topk(%0) {axis=-1, k=2} : f32[B,2], int32[B,2]
+    return %0
+  }
+}
 """
 
 from __future__ import annotations
@@ -94,4 +94,5 @@ def print_module(m: Module) -> str:
 def _sym(name: str) -> str:
     """Parameter names like model.layers.0.mlp.gate.weight print bare; anything else is quoted."""
     import re
+
     return name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name) else format_attr(name)

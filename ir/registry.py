@@ -33,7 +33,9 @@ class AttrSpec:
             "bool": lambda v: isinstance(v, bool),
             "str": lambda v: isinstance(v, str),
             "dtype": lambda v: isinstance(v, DType),
-            "dims": lambda v: isinstance(v, tuple) and all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in v),
+            "dims": lambda v: (
+                isinstance(v, tuple) and all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in v)
+            ),
             "ints": lambda v: isinstance(v, tuple) and all(isinstance(d, int) and not isinstance(d, bool) for d in v),
             "floats": lambda v: isinstance(v, tuple) and all(isinstance(d, (int, float)) for d in v),
             "any": lambda v: True,
@@ -75,10 +77,26 @@ def traffic_cost(ins: list[TensorType], outs: list[TensorType], attrs: dict[str,
     return Cost(0, bytes_of(ins) + bytes_of(outs))
 
 
+def numel(t: TensorType) -> int:
+    """Element count of a concrete type (cost rules see concrete shapes)."""
+    return int(np.prod(t.shape, dtype=np.int64))
+
+
 def elementwise_cost(flops_per_element: int) -> CostRule:
+    """`flops_per_element` for every result element, plus compulsory traffic."""
+
     def rule(ins: list[TensorType], outs: list[TensorType], attrs: dict[str, Attr]) -> Cost:
-        n = sum(int(np.prod(o.shape, dtype=np.int64)) for o in outs)
-        return Cost(flops_per_element * n, bytes_of(ins) + bytes_of(outs))
+        return Cost(flops_per_element * sum(numel(o) for o in outs), bytes_of(ins) + bytes_of(outs))
+
+    return rule
+
+
+def per_input_cost(flops_per_element: int) -> CostRule:
+    """`flops_per_element` for every element of the first operand (reductions, norms), plus compulsory traffic."""
+
+    def rule(ins: list[TensorType], outs: list[TensorType], attrs: dict[str, Attr]) -> Cost:
+        return Cost(flops_per_element * numel(ins[0]), bytes_of(ins) + bytes_of(outs))
+
     return rule
 
 

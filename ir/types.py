@@ -35,8 +35,17 @@ class DType(enum.Enum):
         bf16 and fp8 have no numpy type: the reference keeps them in float32 after rounding
         to the narrow format (see `round_to`), so their values are exactly representable.
         """
-        return np.dtype({"f32": "float32", "bf16": "float32", "f16": "float16", "fp8e4m3": "float32",
-                         "int8": "int8", "int32": "int32", "bool": "bool"}[self.value])
+        return np.dtype(
+            {
+                "f32": "float32",
+                "bf16": "float32",
+                "f16": "float16",
+                "fp8e4m3": "float32",
+                "int8": "int8",
+                "int32": "int32",
+                "bool": "bool",
+            }[self.value]
+        )
 
     def __str__(self) -> str:
         return self.value

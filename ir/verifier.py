@@ -6,6 +6,7 @@ from __future__ import annotations
 from r1c.ir import registry
 from r1c.ir.core import Function, Module, Op
 from r1c.ir.registry import OpError, UnknownOpError
+from r1c.ir.types import TensorType
 
 
 class VerifyError(ValueError):
@@ -16,6 +17,16 @@ def _where(f: Function, op: Op) -> str:
     lhs = ", ".join(str(r) for r in op.results)
     loc = f" (at {op.loc})" if op.loc else ""
     return f"@{f.name}: '{op.name}' defining {lhs}{loc}"
+
+
+def result_types(m: Module, op: Op) -> list[TensorType]:
+    """The types `op` must produce in `m`: from its type rule, or for `param` from the module's table."""
+    if op.name == "param":
+        name = op.attrs["name"]
+        if name not in m.params:
+            raise OpError(f"parameter @{name} is not declared in module @{m.name}")
+        return [m.params[name].type]
+    return registry.get(op.name).infer([v.type for v in op.operands], op.attrs)
 
 
 def verify_function(m: Module, f: Function) -> None:
@@ -30,8 +41,9 @@ def verify_function(m: Module, f: Function) -> None:
             if v.name not in defined:
                 raise VerifyError(f"{where}: operand %{v.name} is used before it is defined")
             if defined[v.name] != v:
-                raise VerifyError(f"{where}: operand %{v.name} has type {v.type} here but was defined as "
-                                  f"{defined[v.name].type}")
+                raise VerifyError(
+                    f"{where}: operand %{v.name} has type {v.type} here but was defined as {defined[v.name].type}"
+                )
         try:
             opdef = registry.get(op.name)
         except UnknownOpError as e:
@@ -39,13 +51,7 @@ def verify_function(m: Module, f: Function) -> None:
         try:
             opdef.check_arity(len(op.operands))
             opdef.check_attrs(op.attrs)
-            if op.name == "param":
-                name = op.attrs["name"]
-                if name not in m.params:
-                    raise OpError(f"parameter @{name} is not declared in module @{m.name}")
-                expected = [m.params[name].type]
-            else:
-                expected = opdef.infer([v.type for v in op.operands], op.attrs)
+            expected = result_types(m, op)
         except OpError as e:
             raise VerifyError(f"{where}: {e}") from None
         got = [r.type for r in op.results]

@@ -128,8 +128,11 @@ def canonicalize_function(f: Function) -> None:
     erase_dead(f)
 
 
-@register_pass("canonicalize", "Local simplifications to a fixed point (x+0, x*1, double neg, reshape/transpose "
-                               "chains, no-op cast/slice/broadcast/concat), then remove dead ops.")
+@register_pass(
+    "canonicalize",
+    "Local simplifications to a fixed point (x+0, x*1, double neg, reshape/transpose "
+    "chains, no-op cast/slice/broadcast/concat), then remove dead ops.",
+)
 def canonicalize(module: Module) -> Module:
     for f in module.functions.values():
         canonicalize_function(f)

@@ -18,8 +18,12 @@ from r1c.ir.ops.elementwise import BINARY, COMPARE, UNARY
 from r1c.passes.registry import register_pass
 from r1c.passes.rewrite import NameGen, erase_dead, splat_value
 
-ELEMENTWISE = frozenset(UNARY) | frozenset(BINARY) | frozenset(COMPARE) | {
-    "logical_and", "logical_or", "logical_not", "where", "swiglu", "cast"}
+ELEMENTWISE = (
+    frozenset(UNARY)
+    | frozenset(BINARY)
+    | frozenset(COMPARE)
+    | {"logical_and", "logical_or", "logical_not", "where", "swiglu", "cast"}
+)
 MOVEMENT = frozenset({"reshape", "broadcast_to", "transpose", "slice"})
 
 
@@ -40,17 +44,25 @@ def _fold_value(op: Op, values: list[float]) -> float:
 def _splat_ops(op: Op, value: float, names: NameGen) -> list[Op]:
     r = op.results[0]
     if r.type.is_static:
-        return [Op("constant", (), (r,), {"value": value, "dtype": r.type.dtype, "shape": DimList(r.type.shape)},
-                   op.loc)]
+        return [
+            Op("constant", (), (r,), {"value": value, "dtype": r.type.dtype, "shape": DimList(r.type.shape)}, op.loc)
+        ]
     scalar = Value(names.fresh(f"{r.name}.splat"), r.type.with_shape(()))
-    return [Op("constant", (), (scalar,), {"value": value, "dtype": r.type.dtype, "shape": DimList()}, op.loc),
-            Op("broadcast_to", (scalar,), (r,), {"shape": DimList(r.type.shape)}, op.loc)]
+    return [
+        Op("constant", (), (scalar,), {"value": value, "dtype": r.type.dtype, "shape": DimList()}, op.loc),
+        Op("broadcast_to", (scalar,), (r,), {"shape": DimList(r.type.shape)}, op.loc),
+    ]
 
 
 def _already_folded(op: Op, producers: dict[Value, Op]) -> bool:
     src = producers.get(op.operands[0]) if op.operands else None
-    return (op.name == "broadcast_to" and not op.results[0].type.is_static and src is not None
-            and src.name == "constant" and src.results[0].type.rank == 0)
+    return (
+        op.name == "broadcast_to"
+        and not op.results[0].type.is_static
+        and src is not None
+        and src.name == "constant"
+        and src.results[0].type.rank == 0
+    )
 
 
 def fold_function(f: Function) -> None:
@@ -70,8 +82,11 @@ def fold_function(f: Function) -> None:
     erase_dead(f)
 
 
-@register_pass("constant-fold", "Fold elementwise ops of splat constants, and reshape/broadcast/transpose/slice "
-                                "of a splat, into splat constants (values from the op's reference).")
+@register_pass(
+    "constant-fold",
+    "Fold elementwise ops of splat constants, and reshape/broadcast/transpose/slice "
+    "of a splat, into splat constants (values from the op's reference).",
+)
 def constant_fold(module: Module) -> Module:
     for f in module.functions.values():
         fold_function(f)

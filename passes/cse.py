@@ -13,8 +13,7 @@ from r1c.passes.rewrite import is_pure, remap_operands, remap_results
 def _key(op: Op) -> tuple:
     # The printed attributes are canonical and tell 1, 1.0 and true apart (dict equality would not),
     # and nan equals nan there, which is right: two identical constant(nan) ops are the same value.
-    return (op.name, tuple(v.name for v in op.operands), format_attrs(op.attrs),
-            tuple(str(r.type) for r in op.results))
+    return (op.name, tuple(v.name for v in op.operands), format_attrs(op.attrs), tuple(str(r.type) for r in op.results))
 
 
 def cse_function(f: Function) -> None:

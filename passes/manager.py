@@ -31,10 +31,18 @@ def _spec(pipeline: str | list) -> PipelineSpec:
 
 
 class PassManager:
-    def __init__(self, pipeline: str | list, verify_each: bool = False,
-                 print_ir_after: set[str] | str | None = None, time_passes: bool = False,
-                 check_numerics: bool = False, numerics_env: dict[str, int] | None = None,
-                 numerics_tol: float = 1e-4, seed: int = 0, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        pipeline: str | list,
+        verify_each: bool = False,
+        print_ir_after: set[str] | str | None = None,
+        time_passes: bool = False,
+        check_numerics: bool = False,
+        numerics_env: dict[str, int] | None = None,
+        numerics_tol: float = 1e-4,
+        seed: int = 0,
+        out: TextIO | None = None,
+    ) -> None:
         self.pipeline = _spec(pipeline)
         if isinstance(print_ir_after, str) and print_ir_after != "all":
             raise PipelineError(f"print_ir_after must be a set of pass names or 'all', got {print_ir_after!r}")
@@ -94,8 +102,10 @@ class PassManager:
         except NumericsError as e:
             raise NumericsError(f"pass '{name}' broke the numerics check: {e}") from None
         if not err <= self.numerics_tol:
-            raise NumericsError(f"pass '{name}' changed the result: max relative error {err:.3g} > tolerance "
-                                f"{self.numerics_tol:g} (env {self.numerics_env}, seed {self.seed})")
+            raise NumericsError(
+                f"pass '{name}' changed the result: max relative error {err:.3g} > tolerance "
+                f"{self.numerics_tol:g} (env {self.numerics_env}, seed {self.seed})"
+            )
         self._out.write(f"// numerics after {name}: max relative error {err:.3g} (tolerance {self.numerics_tol:g})\n")
 
 

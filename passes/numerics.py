@@ -40,15 +40,18 @@ def check_param_names(m: Module, weights: dict[str, np.ndarray]) -> None:
     for f in m.functions.values():
         for op in f.body:
             if op.name == "param" and op.attrs["name"] not in weights:
-                raise NumericsError(f"@{f.name} reads parameter @{op.attrs['name']}, which the original module "
-                                    f"does not have: the numerics check needs parameter names to stay stable")
+                raise NumericsError(
+                    f"@{f.name} reads parameter @{op.attrs['name']}, which the original module "
+                    f"does not have: the numerics check needs parameter names to stay stable"
+                )
 
 
 class Reference:
     """Random weights and inputs for `m`'s main function, and the reference outputs on them."""
 
-    def __init__(self, m: Module, env: dict[str, int], seed: int = 0,
-                 weights: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self, m: Module, env: dict[str, int], seed: int = 0, weights: dict[str, np.ndarray] | None = None
+    ) -> None:
         self.weights = init_weights(m, seed) if weights is None else weights
         self.inputs = random_inputs(m, m.main, env, seed)
         self.outputs = run(m, self.inputs, self.weights)
@@ -63,7 +66,8 @@ class Reference:
         return max_rel_error(got, self.outputs)
 
 
-def compare_modules(before: Module, after: Module, env: dict[str, int], seed: int = 0,
-                    weights: dict[str, np.ndarray] | None = None) -> float:
+def compare_modules(
+    before: Module, after: Module, env: dict[str, int], seed: int = 0, weights: dict[str, np.ndarray] | None = None
+) -> float:
     """Max relative error of `after` against `before` on random inputs (weights random unless given)."""
     return Reference(before, env, seed, weights).error_of(after)

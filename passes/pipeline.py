@@ -102,4 +102,3 @@ def parse_pipeline(text: str) -> PipelineSpec:
         if not s.peek():
             return out
         s.expect(",", "between passes")
-

@@ -49,8 +49,11 @@ class OptionInfo:
         where = f"option '{self.name}' of pass '{pass_name}'"
         if isinstance(value, str) and self.type is not str:
             return self._from_text(where, value)
-        ok = (isinstance(value, self.type) and not (self.type is int and isinstance(value, bool))
-              or (self.type is float and isinstance(value, int) and not isinstance(value, bool)))
+        ok = (
+            isinstance(value, self.type)
+            and not (self.type is int and isinstance(value, bool))
+            or (self.type is float and isinstance(value, int) and not isinstance(value, bool))
+        )
         if not ok:
             raise PipelineError(f"{where} must be {self._kind()}, got {value!r}")
         return float(value) if self.type is float else value
@@ -116,8 +119,9 @@ def _options_of(name: str, fn: PassFn) -> dict[str, OptionInfo]:
             raise TypeError(f"pass '{name}': option '{p.name}' must be keyword-only (put it after `*`)")
         t = hints.get(p.name)
         if t not in OPTION_TYPES:
-            raise TypeError(f"pass '{name}': option '{p.name}' has type {t!r}; options are int, float, bool, str "
-                            f"or DType")
+            raise TypeError(
+                f"pass '{name}': option '{p.name}' has type {t!r}; options are int, float, bool, str or DType"
+            )
         options[p.name] = OptionInfo(p.name, t, p.default)
     return options
 
@@ -128,6 +132,7 @@ def register_pass(name: str, description: str) -> Callable[[PassFn], PassFn]:
             raise ValueError(f"pass '{name}' is registered twice")
         _PASSES[name] = PassInfo(name, description, fn, _options_of(name, fn))
         return fn
+
     return wrap
 
 

@@ -18,8 +18,9 @@ from r1c.ir.interpreter import to_storage
 def clone_module(m: Module) -> Module:
     """A copy whose functions, ops and param table can be changed without touching `m` (values are immutable)."""
     functions = {
-        name: Function(f.name, list(f.args), [dataclasses.replace(op, attrs=dict(op.attrs)) for op in f.body],
-                       list(f.results))
+        name: Function(
+            f.name, list(f.args), [dataclasses.replace(op, attrs=dict(op.attrs)) for op in f.body], list(f.results)
+        )
         for name, f in m.functions.items()
     }
     params = {name: dataclasses.replace(p) for name, p in m.params.items()}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 
-from r1c.ir import dims, registry
-from r1c.ir.core import DimList, Function, Module, Op, Value
+from r1c.ir import dims
+from r1c.ir.core import DimList, Function, Module, Value
 from r1c.ir.dims import Dim
 from r1c.ir.registry import OpError
 from r1c.ir.types import TensorType
+from r1c.ir.verifier import result_types
 from r1c.passes.registry import PipelineError, register_pass
 
 _BINDING = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(\d+)\s*")
@@ -29,8 +30,9 @@ def parse_bindings(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         m = _BINDING.fullmatch(part)
         if not m:
-            raise PipelineError(f"shape-inference: bad binding {part!r} in bind={text!r}; expected NAME=INT, "
-                                f"e.g. bind=\"B=1,S=128\"")
+            raise PipelineError(
+                f'shape-inference: bad binding {part!r} in bind={text!r}; expected NAME=INT, e.g. bind="B=1,S=128"'
+            )
         if m.group(1) in env:
             raise PipelineError(f"shape-inference: symbol {m.group(1)} is bound twice in bind={text!r}")
         env[m.group(1)] = int(m.group(2))
@@ -49,8 +51,10 @@ def _bind_type(t: TensorType, env: dict[str, int]) -> TensorType:
 
 
 def _bind_attrs(attrs: dict, env: dict[str, int]) -> dict:
-    return {k: DimList(substitute(d, env) if d != -1 else d for d in v) if isinstance(v, DimList) else v
-            for k, v in attrs.items()}
+    return {
+        k: DimList(substitute(d, env) if d != -1 else d for d in v) if isinstance(v, DimList) else v
+        for k, v in attrs.items()
+    }
 
 
 def infer_function(m: Module, f: Function, env: dict[str, int]) -> None:
@@ -66,19 +70,14 @@ def infer_function(m: Module, f: Function, env: dict[str, int]) -> None:
         if env:
             op.attrs = _bind_attrs(op.attrs, env)
         try:
-            if op.name == "param":
-                name = op.attrs["name"]
-                if name not in m.params:
-                    raise OpError(f"parameter @{name} is not declared in module @{m.name}")
-                types = [m.params[name].type]
-            else:
-                types = registry.get(op.name).infer([v.type for v in op.operands], op.attrs)
+            types = result_types(m, op)
         except OpError as e:
             lhs = ", ".join(str(r) for r in op.results)
             raise ShapeInferenceError(f"@{f.name}: '{op.name}' defining {lhs}: {e}") from None
         if len(types) != len(op.results):
-            raise ShapeInferenceError(f"@{f.name}: '{op.name}' gives {len(types)} results, the op lists "
-                                      f"{len(op.results)}")
+            raise ShapeInferenceError(
+                f"@{f.name}: '{op.name}' gives {len(types)} results, the op lists {len(op.results)}"
+            )
         op.results = tuple(r if r.type == t else Value(r.name, t) for r, t in zip(op.results, types))
         current.update((r.name, r) for r in op.results)
     f.results = [current[r.name] for r in f.results]
@@ -93,14 +92,18 @@ def _symbols(m: Module) -> set[str]:
     return found
 
 
-@register_pass("shape-inference", "Re-derive every result type from the type rules; bind=\"B=1,S=128\" "
-                                  "specializes symbolic dims to ints.")
+@register_pass(
+    "shape-inference",
+    'Re-derive every result type from the type rules; bind="B=1,S=128" specializes symbolic dims to ints.',
+)
 def shape_inference(module: Module, *, bind: str = "") -> Module:
     env = parse_bindings(bind)
     unknown = sorted(set(env) - _symbols(module))
     if unknown:
-        raise PipelineError(f"shape-inference: bind names symbol(s) {', '.join(unknown)} that no function "
-                            f"argument of @{module.name} uses (they use {sorted(_symbols(module)) or 'none'})")
+        raise PipelineError(
+            f"shape-inference: bind names symbol(s) {', '.join(unknown)} that no function "
+            f"argument of @{module.name} uses (they use {sorted(_symbols(module)) or 'none'})"
+        )
     for f in module.functions.values():
         infer_function(module, f, env)
     return module

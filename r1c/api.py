@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+
 class InputError(ValueError):
     """A bad user input that no more specific error covers (file type, token list, --set syntax)."""
 
@@ -37,6 +38,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> "Module":
         raise FileNotFoundError(f"no such model file: {path}")
     if path.suffix == ".r1":
         from r1c.frontends.dsl import load as load_dsl
+
         return load_dsl(path, overrides=overrides)
     if path.suffix == ".ir":
         if overrides:
@@ -58,12 +60,19 @@ def load_weights(path: str | Path) -> dict[str, np.ndarray]:
 def optimize(module: "Module", pipeline: str, **instrumentation: Any) -> "Module":
     """Run a pass pipeline (`"canonicalize,cse"`); keyword arguments go to `r1c.passes.PassManager`."""
     from r1c.passes import PassManager
+
     return PassManager(pipeline, **instrumentation).run(module)
 
 
-def compile(module: "Module", target: str = "ref", passes: str | None = None,
-            weights: dict[str, np.ndarray] | None = None, seed: int = 0,
-            out_dir: str | Path | None = None, options: dict[str, Any] | None = None) -> "Artifact":
+def compile(
+    module: "Module",
+    target: str = "ref",
+    passes: str | None = None,
+    weights: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+) -> "Artifact":
     """Optimize (if `passes`), then compile for `target` into `out_dir` (a fresh temporary directory if None).
 
     Without `weights`, parameters are drawn from their initializers with `seed` (before the passes run,
@@ -84,11 +93,13 @@ def compile(module: "Module", target: str = "ref", passes: str | None = None,
 def stats(module: "Module", seq: int = 4096, batch: int = 1) -> "ModelStats":
     """Parameter counts and forward FLOPs per token for a sequence of `seq` tokens (see `r1c.model_stats`)."""
     from r1c.model_stats import compute
+
     return compute(module, seq=seq, batch=batch)
 
 
 def load_artifact(path: str | Path) -> "Artifact":
     from r1c.artifact import load as load_art
+
     return load_art(path)
 
 

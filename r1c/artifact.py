@@ -62,23 +62,29 @@ def check_weights(module: Module, weights: dict[str, np.ndarray]) -> None:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} parameter(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            parts.append(
+                f"missing {len(missing)} parameter(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+            )
         if extra:
             parts.append(f"{len(extra)} unknown tensor(s): {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
         raise ArtifactError(f"weights do not match module @{module.name}: " + "; ".join(parts))
     for name, p in module.params.items():
         want = p.type.concrete({})
         if tuple(np.shape(weights[name])) != want:
-            raise ArtifactError(f"weight {name} has shape {tuple(np.shape(weights[name]))}, module @{module.name} "
-                                f"declares {p.type}")
+            raise ArtifactError(
+                f"weight {name} has shape {tuple(np.shape(weights[name]))}, module @{module.name} declares {p.type}"
+            )
 
 
 def input_limits(module: Module, function: str) -> dict[str, int]:
     """Integer inputs that index an embedding table, with the table's row count (the vocabulary size)."""
     f = module.functions[function]
     args = {a: a.name for a in f.args}
-    return {args[op.operands[1]]: int(op.operands[0].type.shape[0])
-            for op in f.body if op.name == "embedding" and op.operands[1] in args}
+    return {
+        args[op.operands[1]]: int(op.operands[0].type.shape[0])
+        for op in f.body
+        if op.name == "embedding" and op.operands[1] in args
+    }
 
 
 @dataclass
@@ -99,8 +105,10 @@ class Artifact:
     def check_inputs(self, inputs: list[np.ndarray]) -> None:
         f = self.module.functions[self.entry]
         if len(inputs) != len(f.args):
-            raise ArtifactError(f"@{f.name} takes {len(f.args)} input(s) "
-                                f"({', '.join(f'%{a.name}: {a.type}' for a in f.args)}), got {len(inputs)}")
+            raise ArtifactError(
+                f"@{f.name} takes {len(f.args)} input(s) "
+                f"({', '.join(f'%{a.name}: {a.type}' for a in f.args)}), got {len(inputs)}"
+            )
         limits = input_limits(self.module, self.entry)
         for a, x in zip(f.args, inputs):
             x = np.asarray(x)
@@ -110,11 +118,14 @@ class Artifact:
                 raise ArtifactError(f"input %{a.name}: expected integers ({a.type}), got {x.dtype}")
             if a.name in limits and x.size and (x.min() < 0 or x.max() >= limits[a.name]):
                 bad = x.min() if x.min() < 0 else x.max()
-                raise ArtifactError(f"input %{a.name}: token id {bad} is out of range [0, {limits[a.name]}) "
-                                    f"(vocabulary size {limits[a.name]})")
+                raise ArtifactError(
+                    f"input %{a.name}: token id {bad} is out of range [0, {limits[a.name]}) "
+                    f"(vocabulary size {limits[a.name]})"
+                )
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         from r1c.backends import get_target
+
         target = get_target(self.target)
         if target.run is None:
             raise ArtifactError(f"artifacts of target '{self.target}' cannot be executed in this process")
@@ -122,8 +133,9 @@ class Artifact:
         return target.run(self, [np.asarray(x) for x in inputs])
 
 
-def write(out_dir: str | Path, module: Module, weights: dict[str, np.ndarray], target: str,
-          entry: str | None = None) -> Artifact:
+def write(
+    out_dir: str | Path, module: Module, weights: dict[str, np.ndarray], target: str, entry: str | None = None
+) -> Artifact:
     """Write module + weights + manifest to out_dir (created if needed; existing artifact files are replaced)."""
     from safetensors.numpy import save_file
 
@@ -137,7 +149,9 @@ def write(out_dir: str | Path, module: Module, weights: dict[str, np.ndarray], t
     entry = entry or module.main.name
     check_weights(module, weights)
     # Stored exactly as the interpreter holds them (bf16/fp8 rounded, kept in float32), contiguous for safetensors.
-    arrays = {n: np.ascontiguousarray(to_storage(np.asarray(weights[n]), p.type.dtype)) for n, p in module.params.items()}
+    arrays = {
+        n: np.ascontiguousarray(to_storage(np.asarray(weights[n]), p.type.dtype)) for n, p in module.params.items()
+    }
     (out / IR_FILE).write_text(print_module(module))
     save_file(arrays, str(out / WEIGHTS_FILE))
     f = module.functions[entry]
@@ -177,8 +191,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{mpath}: corrupted manifest (expected a JSON object)")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise ArtifactError(f"{mpath}: artifact format version {version!r} is not supported by this r1c "
-                            f"(expects {FORMAT_VERSION}); recompile the model")
+        raise ArtifactError(
+            f"{mpath}: artifact format version {version!r} is not supported by this r1c "
+            f"(expects {FORMAT_VERSION}); recompile the model"
+        )
     for key in ("target", "entry", "files"):
         if key not in manifest:
             raise ArtifactError(f"{mpath}: corrupted manifest (no '{key}' entry)")
@@ -203,8 +219,10 @@ def load(path: str | Path) -> Artifact:
         if not fpath.is_file():
             raise ArtifactError(f"artifact {path}: file {name} is missing")
         if _sha256(fpath) != digest:
-            raise ArtifactError(f"artifact {path}: {name} does not match its sha256 in {MANIFEST} "
-                                f"(the file was modified or corrupted; recompile)")
+            raise ArtifactError(
+                f"artifact {path}: {name} does not match its sha256 in {MANIFEST} "
+                f"(the file was modified or corrupted; recompile)"
+            )
     module = verify(parse_module((path / IR_FILE).read_text(), str(path / IR_FILE)))
     if manifest["entry"] not in module.functions:
         raise ArtifactError(f"artifact {path}: entry function @{manifest['entry']} is not in {IR_FILE}")
@@ -216,4 +234,13 @@ def load(path: str | Path) -> Artifact:
     return Artifact(path, manifest, module, weights)
 
 
-__all__ = ["Artifact", "ArtifactError", "FORMAT_VERSION", "check_weights", "input_limits", "load", "param_count", "write"]
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "FORMAT_VERSION",
+    "check_weights",
+    "input_limits",
+    "load",
+    "param_count",
+    "write",
+]

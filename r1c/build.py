@@ -1,11 +1,11 @@
 """The Python graph-builder API. The DSL lowers through it too, so both produce identical IR.
 
-    from r1c import build
-    mb = build.ModuleBuilder("mlp")
-    f = mb.function("forward", x=build.tensor("f32", ["B", 64]))
-    w = f.param("w", build.tensor("f32", [64, 64]), init="normal(0.02)")
-    f.ret(f.silu(f.linear(f.args[0], w)))
-    module = mb.build()
+from r1c import build
+mb = build.ModuleBuilder("mlp")
+f = mb.function("forward", x=build.tensor("f32", ["B", 64]))
+w = f.param("w", build.tensor("f32", [64, 64]), init="normal(0.02)")
+f.ret(f.silu(f.linear(f.args[0], w)))
+module = mb.build()
 """
 
 from __future__ import annotations

@@ -15,8 +15,14 @@ from typing import Sequence
 import r1c
 from r1c import cli_inspect, cli_model, cli_opt
 
-COMMANDS = (cli_model.add_compile, cli_model.add_run, cli_opt.add_opt, cli_opt.add_passes,
-            cli_inspect.add_stats, cli_inspect.add_viz)
+COMMANDS = (
+    cli_model.add_compile,
+    cli_model.add_run,
+    cli_opt.add_opt,
+    cli_opt.add_passes,
+    cli_inspect.add_stats,
+    cli_inspect.add_viz,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,15 +46,33 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from r1c.ir.interpreter import InterpreterError
     from r1c.ir.parser import IRParseError
     from r1c.ir.verifier import VerifyError
-    from r1c.passes import NumericsError, PipelineError
     from r1c.model_stats import StatsError
+    from r1c.passes import NumericsError, PipelineError
     from r1c.viz import VizError
-    return (InputError, ArtifactError, TargetError, DSLError, HFConfigError, HFWeightError, SafetensorsError, DimError,
-            InterpreterError, IRParseError, VerifyError, NumericsError, PipelineError, StatsError, VizError, OSError)
+
+    return (
+        InputError,
+        ArtifactError,
+        TargetError,
+        DSLError,
+        HFConfigError,
+        HFWeightError,
+        SafetensorsError,
+        DimError,
+        InterpreterError,
+        IRParseError,
+        VerifyError,
+        NumericsError,
+        PipelineError,
+        StatsError,
+        VizError,
+        OSError,
+    )
 
 
 def _message(e: BaseException) -> str:
     from r1c.frontends.dsl.errors import DSLError
+
     if isinstance(e, DSLError):
         text = str(e)  # already `file:line:col: error: ...` with the source line, caret and hint
     elif isinstance(e, OSError) and e.filename and e.strerror:  # raised by the OS: "[Errno 2] ..." reads badly
@@ -77,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, expected_errors()):
             print(_message(e), file=sys.stderr)
             return 1
-        print(f"r1c: internal error: {type(e).__name__}: {e}\n"
-              "please report this bug (run with R1C_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        print(
+            f"r1c: internal error: {type(e).__name__}: {e}\n"
+            "please report this bug (run with R1C_TRACEBACK=1 to see the traceback)",
+            file=sys.stderr,
+        )
         return 3
 
 

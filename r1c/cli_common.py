@@ -15,8 +15,14 @@ _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def add_set_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config constant of a .r1 model (repeatable), e.g. --set num_layers=2")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config constant of a .r1 model (repeatable), e.g. --set num_layers=2",
+    )
 
 
 def parse_value(text: str) -> Any:

@@ -14,8 +14,11 @@ from r1c.cli_common import add_set_flag, console, load_model
 
 
 def add_compile(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compile", help="compile a model to an artifact directory",
-                       description="Compile a .r1 model (or .ir module) for a target into an artifact directory.")
+    p = sub.add_parser(
+        "compile",
+        help="compile a model to an artifact directory",
+        description="Compile a .r1 model (or .ir module) for a target into an artifact directory.",
+    )
     p.add_argument("model", nargs="?", help="model file (.r1 or .ir); optional with --from-hf")
     p.add_argument("--target", default="ref", help="compilation target (default: ref)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="artifact directory to write")
@@ -36,6 +39,7 @@ def run_compile(args: argparse.Namespace) -> int:
     weights = None
     if args.from_hf:
         from r1c.frontends.hf import load_hf
+
         hf_module, weights = load_hf(args.from_hf)
         module = load_model(args.model, args.sets) if args.model else hf_module
     elif args.model:
@@ -44,21 +48,32 @@ def run_compile(args: argparse.Namespace) -> int:
         raise InputError("compile needs a model file (or --from-hf DIR)")
     if args.weights:
         weights = load_weights(args.weights)
-    art = r1c.compile(module, target=args.target, passes=args.passes, weights=weights, seed=args.seed,
-                      out_dir=args.output)
+    art = r1c.compile(
+        module, target=args.target, passes=args.passes, weights=weights, seed=args.seed, out_dir=args.output
+    )
     params = art.manifest["parameters"]["elements"]
     source = "loaded" if weights is not None else f"initialized with seed {args.seed}"
-    print(f"compiled @{art.module.name} for target '{art.target}' -> {art.path} "
-          f"({params:,} parameters, {source}; {len(art.module.main.body)} ops)")
+    print(
+        f"compiled @{art.module.name} for target '{art.target}' -> {art.path} "
+        f"({params:,} parameters, {source}; {len(art.module.main.body)} ops)"
+    )
     return 0
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a compiled artifact on token ids",
-                       description="Run an artifact on token ids and print the top next-token logits of each row.")
+    p = sub.add_parser(
+        "run",
+        help="run a compiled artifact on token ids",
+        description="Run an artifact on token ids and print the top next-token logits of each row.",
+    )
     p.add_argument("artifact", help="artifact directory written by `r1c compile`")
-    p.add_argument("--tokens", action="append", required=True, metavar='"ID ID ..."',
-                   help="token ids of one row (repeat for a batch; rows must have equal length)")
+    p.add_argument(
+        "--tokens",
+        action="append",
+        required=True,
+        metavar='"ID ID ..."',
+        help="token ids of one row (repeat for a batch; rows must have equal length)",
+    )
     p.add_argument("--top", type=int, default=5, help="how many next-token candidates to show (default: 5)")
     p.add_argument("--output", metavar="FILE.npy", help="save the logits [B, S, V] to a .npy file")
     p.set_defaults(run=run_run)

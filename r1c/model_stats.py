@@ -109,8 +109,10 @@ def _param_fractions(m: Module, f: Function) -> tuple[dict[str, Fraction], set[s
             name = _source_param(v, producers)
             if op.name == "moe_experts" and i >= 3:
                 if name is None:
-                    raise StatsError(f"moe_experts at {op.loc or '?'}: expert weight %{v.name} is not a parameter; "
-                                     "cannot count activated parameters")
+                    raise StatsError(
+                        f"moe_experts at {op.loc or '?'}: expert weight %{v.name} is not a parameter; "
+                        "cannot count activated parameters"
+                    )
                 routed[name] = Fraction(k, e)
             elif name is not None:
                 dense.add(name)
@@ -144,8 +146,9 @@ def compute(m: Module, seq: int = 4096, batch: int = 1, function: str | None = N
     f = m.functions[function] if function else m.main
     unknown = symbolic_dims([a.type for a in f.args]) - {"B", "S"}
     if unknown:
-        raise StatsError(f"@{f.name} has symbolic dims {', '.join(sorted(unknown))}; stats binds only B (batch) "
-                         "and S (sequence)")
+        raise StatsError(
+            f"@{f.name} has symbolic dims {', '.join(sorted(unknown))}; stats binds only B (batch) and S (sequence)"
+        )
     env = {"B": batch, "S": seq}
     by_op: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     layer_ops: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -153,10 +156,12 @@ def compute(m: Module, seq: int = 4096, batch: int = 1, function: str | None = N
     for op in f.body:
         if op.name == "param":
             continue
-        attrs = {k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v
-                 for k, v in op.attrs.items()}
-        cost = registry.get(op.name).cost([_concrete(v.type, env) for v in op.operands],
-                                          [_concrete(r.type, env) for r in op.results], attrs)
+        attrs = {
+            k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v for k, v in op.attrs.items()
+        }
+        cost = registry.get(op.name).cost(
+            [_concrete(v.type, env) for v in op.operands], [_concrete(r.type, env) for r in op.results], attrs
+        )
         row = by_op[op.name]
         row[0], row[1], row[2] = row[0] + 1, row[1] + cost.flops, row[2] + cost.bytes
         lrow = layer_ops[layer_of(op.loc)]
@@ -176,14 +181,25 @@ def compute(m: Module, seq: int = 4096, batch: int = 1, function: str | None = N
 
     layers = list(dict.fromkeys([*layer_ops, *layer_params]))  # program order, then parameter-only groups
     return ModelStats(
-        module=m.name, function=f.name, batch=batch, seq=seq,
+        module=m.name,
+        function=f.name,
+        batch=batch,
+        seq=seq,
         total_params=sum(sizes.values()),
         activated_params=round(sum(activated.values(), Fraction(0))),
         embedding_params=sum(sizes[n] for n in lookup),
-        flops=total_flops, bytes=total_bytes,
+        flops=total_flops,
+        bytes=total_bytes,
         by_op=tuple(sorted((OpKindRow(n, c, fl, b) for n, (c, fl, b) in by_op.items()), key=lambda r: -r.flops)),
-        by_layer=tuple(LayerRow(name, *layer_ops.get(name, (0, 0)), layer_params.get(name, (0, 0))[0],
-                                round(layer_params.get(name, (0, 0))[1])) for name in layers),
+        by_layer=tuple(
+            LayerRow(
+                name,
+                *layer_ops.get(name, (0, 0)),
+                layer_params.get(name, (0, 0))[0],
+                round(layer_params.get(name, (0, 0))[1]),
+            )
+            for name in layers
+        ),
     )
 
 

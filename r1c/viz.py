@@ -46,8 +46,9 @@ def _locs(ops: list[tuple[str, Op]], f: Function) -> dict[str, str]:
     return locs
 
 
-def _add_clusters(g: graphviz.Digraph, nodes: dict[str, str], ops: dict[str, Op], depth: int,
-                  counter: list[int]) -> None:
+def _add_clusters(
+    g: graphviz.Digraph, nodes: dict[str, str], ops: dict[str, Op], depth: int, counter: list[int]
+) -> None:
     """Nested subgraph per loc component, so model.layers.3.self_attn sits inside model.layers.3."""
     here = [n for n, loc in nodes.items() if len(loc.split(".")) <= depth or not loc]
     children: dict[str, dict[str, str]] = {}
@@ -69,9 +70,17 @@ def draw(m: Module, function: str | None = None, cluster_by_loc: bool = False, m
     if max_ops is not None and max_ops < 1:
         raise VizError(f"--max-ops must be >= 1, got {max_ops}")
     shown = f.body if max_ops is None else f.body[:max_ops]
-    g = graphviz.Digraph(name=f"{m.name}.{f.name}", graph_attr={"rankdir": "TB", "fontname": "Helvetica"},
-                         node_attr={"shape": "box", "style": "rounded,filled", "fillcolor": "white",
-                                    "fontname": "Helvetica", "fontsize": "10"})
+    g = graphviz.Digraph(
+        name=f"{m.name}.{f.name}",
+        graph_attr={"rankdir": "TB", "fontname": "Helvetica"},
+        node_attr={
+            "shape": "box",
+            "style": "rounded,filled",
+            "fillcolor": "white",
+            "fontname": "Helvetica",
+            "fontsize": "10",
+        },
+    )
     source: dict[Value, str] = {}
     for i, a in enumerate(f.args):
         source[a] = f"arg{i}"
@@ -108,7 +117,9 @@ def render(drawing: Drawing, path: str | Path) -> Path:
     try:
         path.write_bytes(drawing.graph.pipe(format=fmt))
     except graphviz.ExecutableNotFound:
-        raise VizError("graphviz's `dot` program is not installed; write a .dot file instead or install graphviz") from None
+        raise VizError(
+            "graphviz's `dot` program is not installed; write a .dot file instead or install graphviz"
+        ) from None
     return path
 
 

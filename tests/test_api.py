@@ -12,8 +12,8 @@ import pytest
 import r1c
 from r1c.build import ModuleBuilder, tensor
 from r1c.ir.core import DimList
-from r1c.ir.types import DType
 from r1c.ir.interpreter import init_weights, run
+from r1c.ir.types import DType
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "r1-tiny.r1"
@@ -90,7 +90,9 @@ def test_stats():
 
 
 def test_import_is_cheap():
-    code = "import sys, r1c; print(sorted(m for m in ('torch', 'lark', 'transformers', 'r1c.passes') if m in sys.modules))"
+    code = (
+        "import sys, r1c; print(sorted(m for m in ('torch', 'lark', 'transformers', 'r1c.passes') if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 

@@ -23,8 +23,12 @@ def load(path: str | Path, overrides: dict[str, object] | None = None) -> Module
     return _compile(path.read_text(), str(path), [], overrides, path)
 
 
-def compile_source(text: str, filename: str = "<string>", search_path: list[Path] | None = None,
-                   overrides: dict[str, object] | None = None) -> Module:
+def compile_source(
+    text: str,
+    filename: str = "<string>",
+    search_path: list[Path] | None = None,
+    overrides: dict[str, object] | None = None,
+) -> Module:
     """Like `load` for text; imports look in `search_path`, then in the stdlib."""
     return _compile(text, filename, [Path(p) for p in search_path or []], overrides, None)
 
@@ -35,20 +39,27 @@ def _module_name(filename: str) -> str:
     return "_" + name if name[0].isdigit() else name
 
 
-def _compile(text: str, filename: str, search_path: list[Path], overrides: dict[str, object] | None,
-             path: Path | None) -> Module:
+def _compile(
+    text: str, filename: str, search_path: list[Path], overrides: dict[str, object] | None, path: Path | None
+) -> Module:
     main = parse(text, filename)
     prog = gather(main, path, search_path, reserved_names())
     config = evaluate_config(prog, dict(overrides or {}), SourceFile(filename, text))
     mb = ModuleBuilder(main.model[0] if main.model else _module_name(filename), config)
     lowerer = Lowerer(prog, config, mb)
     if not prog.funcs:
-        raise DSLError("the model has no `func`", Pos(SourceFile(filename, text), 1, 1, 1, 2),
-                       hint="add `func forward(tokens: int32[B, S]) { ... }`")
+        raise DSLError(
+            "the model has no `func`",
+            Pos(SourceFile(filename, text), 1, 1, 1, 2),
+            hint="add `func forward(tokens: int32[B, S]) { ... }`",
+        )
     for func in prog.funcs.values():
         lowerer.lower_func(func)
     try:
         return verify(mb.module)
     except VerifyError as e:
-        raise DSLError(f"the lowered IR does not verify: {e}", next(iter(prog.funcs.values())).name_pos,
-                       hint="this is a bug in the DSL lowering or an op's type rule; please report it") from None
+        raise DSLError(
+            f"the lowered IR does not verify: {e}",
+            next(iter(prog.funcs.values())).name_pos,
+            hint="this is a bug in the DSL lowering or an op's type rule; please report it",
+        ) from None

@@ -27,11 +27,18 @@ def evaluate_config(prog: Program, overrides: dict[str, object], src: SourceFile
     for entry in prog.main.config:
         if entry.name in config:
             first = next(c.pos for c in prog.main.config if c.name == entry.name)
-            raise DSLError(f"config constant '{entry.name}' is defined twice", entry.pos, hint=f"the first definition is at {first}")
+            raise DSLError(
+                f"config constant '{entry.name}' is defined twice",
+                entry.pos,
+                hint=f"the first definition is at {first}",
+            )
         value = lowerer.eval(entry.expr, frame)
         if not isinstance(value, _CONFIG_TYPES):
-            raise DSLError(f"config constant '{entry.name}' must be an int, float, bool, string or dtype, got {describe(value)}",
-                           entry.expr.pos, hint="config holds scalars only")
+            raise DSLError(
+                f"config constant '{entry.name}' must be an int, float, bool, string or dtype, got {describe(value)}",
+                entry.expr.pos,
+                hint="config holds scalars only",
+            )
         if entry.name in overrides:
             value = _override(entry, value, overrides[entry.name])
         config[entry.name] = value
@@ -39,8 +46,11 @@ def evaluate_config(prog: Program, overrides: dict[str, object], src: SourceFile
     if unknown:
         pos = prog.main.config_pos or Pos(src, 1, 1, 1, 2)
         close = did_you_mean(unknown[0], names)
-        raise DSLError(f"cannot override '{unknown[0]}': the model has no such config constant", pos,
-                       hint=close or ("config constants: " + ", ".join(names) if names else "the model has no config"))
+        raise DSLError(
+            f"cannot override '{unknown[0]}': the model has no such config constant",
+            pos,
+            hint=close or ("config constants: " + ", ".join(names) if names else "the model has no config"),
+        )
     return config
 
 
@@ -50,6 +60,10 @@ def _override(entry: n.ConfigEntry, declared: Any, value: object) -> Any:
     if isinstance(declared, DType) and isinstance(value, str) and value in DTYPE_NAMES:
         return DTYPE_NAMES[value]
     if _kind(declared) != _kind(value) or not isinstance(value, _CONFIG_TYPES):
-        raise DSLError(f"override {entry.name}={value!r} is a {type(value).__name__}, but the config constant is "
-                       f"{describe(declared)}", entry.pos, hint=f"pass a {_kind(declared)}")
+        raise DSLError(
+            f"override {entry.name}={value!r} is a {type(value).__name__}, but the config constant is "
+            f"{describe(declared)}",
+            entry.pos,
+            hint=f"pass a {_kind(declared)}",
+        )
     return value

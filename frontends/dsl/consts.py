@@ -22,6 +22,7 @@ class ConstError(ValueError):
 @dataclass(frozen=True)
 class Sym:
     """A symbolic dimension ("B", "B*S"): products and exact divisions only, like `r1c.ir.dims`."""
+
     dim: str
 
     def __str__(self) -> str:
@@ -63,12 +64,22 @@ def describe(v: Any) -> str:
 
 
 _ARITH: dict[str, Callable[[Any, Any], Any]] = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "div": operator.truediv,
+    "floordiv": operator.floordiv,
+    "mod": operator.mod,
+    "pow": operator.pow,
 }
 _SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%", "pow": "**"}
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
-    "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
 }
 
 
@@ -81,25 +92,37 @@ def _dim_arith(op: str, a: int | Sym, b: int | Sym) -> int | Sym:
             return dim_value(dims.div(da, db))
         except dims.DimError as e:
             raise ConstError(str(e), "symbolic dims divide only exactly") from None
-    raise ConstError(f"symbolic dim arithmetic supports only * and exact //, not {_SYMBOLS[op]} ({da} {_SYMBOLS[op]} {db})",
-                     "shapes are products of symbols; compute sizes from config constants instead")
+    raise ConstError(
+        f"symbolic dim arithmetic supports only * and exact //, not {_SYMBOLS[op]} ({da} {_SYMBOLS[op]} {db})",
+        "shapes are products of symbols; compute sizes from config constants instead",
+    )
 
 
 def binary(op: str, a: Any, b: Any) -> Any:
     """Fold a binary operator on constants."""
     if op in ("and", "or"):
         if not (isinstance(a, bool) and isinstance(b, bool)):
-            raise ConstError(f"'{op}' needs two bools, got {describe(a)} and {describe(b)}",
-                             "compare numbers first, e.g. `n > 0 and flag`")
+            raise ConstError(
+                f"'{op}' needs two bools, got {describe(a)} and {describe(b)}",
+                "compare numbers first, e.g. `n > 0 and flag`",
+            )
         return (a and b) if op == "and" else (a or b)
     if op in _COMPARE:
         if isinstance(a, Sym) or isinstance(b, Sym):
             if op not in ("==", "!="):
                 raise ConstError(f"cannot order symbolic dims ({describe(a)} {op} {describe(b)})")
-            eq = is_dim(a) and is_dim(b) and dims.normalize(a.dim if isinstance(a, Sym) else a) == \
-                dims.normalize(b.dim if isinstance(b, Sym) else b)
+            eq = (
+                is_dim(a)
+                and is_dim(b)
+                and dims.normalize(a.dim if isinstance(a, Sym) else a)
+                == dims.normalize(b.dim if isinstance(b, Sym) else b)
+            )
             return eq if op == "==" else not eq
-        if op not in ("==", "!=") and not (is_number(a) and is_number(b)) and not (isinstance(a, str) and isinstance(b, str)):
+        if (
+            op not in ("==", "!=")
+            and not (is_number(a) and is_number(b))
+            and not (isinstance(a, str) and isinstance(b, str))
+        ):
             raise ConstError(f"cannot compare {describe(a)} {op} {describe(b)}")
         return _COMPARE[op](a, b)
     if isinstance(a, Sym) or isinstance(b, Sym):
@@ -144,6 +167,7 @@ def _math(name: str, fn: Callable[[float], float]) -> Callable[..., float]:
             return fn(args[0])
         except (ValueError, OverflowError) as e:
             raise ConstError(f"{name}({args[0]}): {e}") from None
+
     return call
 
 
@@ -151,6 +175,7 @@ def _minmax(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
         _numbers(name, args, 1, 99)
         return fn(args)
+
     return call
 
 
@@ -171,9 +196,15 @@ def _yarn(*args: Any) -> float:
 
 # min/max/abs/sqrt/log/exp also name ops or op aliases: the lowering uses these only when every argument is a constant.
 BUILTINS: dict[str, Callable[..., Any]] = {
-    "min": _minmax("min", min), "max": _minmax("max", max), "int": _int, "float": _float,
-    "sqrt": _math("sqrt", math.sqrt), "log": _math("log", math.log), "exp": _math("exp", math.exp),
-    "abs": _math("abs", abs), "yarn_mscale": _yarn,
+    "min": _minmax("min", min),
+    "max": _minmax("max", max),
+    "int": _int,
+    "float": _float,
+    "sqrt": _math("sqrt", math.sqrt),
+    "log": _math("log", math.log),
+    "exp": _math("exp", math.exp),
+    "abs": _math("abs", abs),
+    "yarn_mscale": _yarn,
 }
 
 # Names that mean a constant unless a variable or config constant of that name shadows them.

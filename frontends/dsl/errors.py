@@ -36,8 +36,14 @@ class Pos:
 class DSLError(Exception):
     """`file:line:col: error: message`, the source line, a caret under the offending text, and a hint."""
 
-    def __init__(self, message: str, pos: Pos | None = None, hint: str = "", notes: list[str] | None = None,
-                 filename: str = "<unknown>") -> None:
+    def __init__(
+        self,
+        message: str,
+        pos: Pos | None = None,
+        hint: str = "",
+        notes: list[str] | None = None,
+        filename: str = "<unknown>",
+    ) -> None:
         self.message = message
         self.hint = hint
         self.notes = list(notes or [])
@@ -52,7 +58,11 @@ class DSLError(Exception):
     def caret(self) -> str:
         if self.pos is None or not self.source_line:
             return ""
-        width = self.pos.end_col - self.pos.col if self.pos.end_line == self.pos.line else len(self.source_line) - self.col + 1
+        width = (
+            self.pos.end_col - self.pos.col
+            if self.pos.end_line == self.pos.line
+            else len(self.source_line) - self.col + 1
+        )
         # keep tabs so the caret lines up under tab-indented source
         lead = "".join(c if c == "\t" else " " for c in self.source_line[: self.col - 1])
         return lead + "^" + "~" * max(0, width - 1)

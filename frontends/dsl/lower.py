@@ -1,4 +1,5 @@
-"""Syntax tree -> IR through `r1c.build`: evaluates constants, inlines blocks, and emits ops at their source locations."""
+"""Syntax tree -> IR through `r1c.build`: evaluates constants, inlines blocks, and emits ops at their source
+locations."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ from typing import Any
 
 from r1c.build import BuildError, FunctionBuilder, ModuleBuilder
 from r1c.frontends.dsl import nodes as n
-from r1c.frontends.dsl.consts import (BUILTINS, DTYPE_NAMES, NAMED_CONSTANTS, ConstError, Sym, binary, describe,
-                                      dim_value, is_dim, is_number, unary)
+from r1c.frontends.dsl.consts import (
+    BUILTINS,
+    DTYPE_NAMES,
+    NAMED_CONSTANTS,
+    ConstError,
+    Sym,
+    binary,
+    describe,
+    dim_value,
+    is_dim,
+    is_number,
+    unary,
+)
 from r1c.frontends.dsl.errors import DSLError, Pos
 from r1c.frontends.dsl.program import Program, did_you_mean
 from r1c.ir import registry
@@ -21,8 +33,21 @@ from r1c.ir.types import DType, TensorType, tensor
 
 # Readable names for reductions over one axis: sum(x, axis=-1) = reduce_sum(x, axes=[-1]).
 ALIASES = {"sum": "reduce_sum", "mean": "reduce_mean", "amax": "reduce_max", "amin": "reduce_min"}
-_TENSOR_BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow", "==": "eq", "!=": "ne",
-                  "<": "lt", "<=": "le", ">": "gt", ">=": "ge", "and": "logical_and", "or": "logical_or"}
+_TENSOR_BINARY = {
+    "add": "add",
+    "sub": "sub",
+    "mul": "mul",
+    "div": "div",
+    "pow": "pow",
+    "==": "eq",
+    "!=": "ne",
+    "<": "lt",
+    "<=": "le",
+    ">": "gt",
+    ">=": "ge",
+    "and": "logical_and",
+    "or": "logical_or",
+}
 _INITS = {"zeros": 0, "ones": 0, "normal": 1, "uniform": 2, "constant": 1}
 _KINDS = {"int", "float", "bool", "str", "dtype", "dim", "tensor"}
 
@@ -34,6 +59,7 @@ def reserved_names() -> set[str]:
 @dataclass
 class Frame:
     """The variables of one func or block invocation; `if`/`repeat` bodies share their enclosing frame."""
+
     vars: dict[str, Any]
     block: n.Callable | None = None
     path: str = ""
@@ -66,15 +92,20 @@ class Lowerer:
         args: dict[str, TensorType] = {}
         for a in func.args:
             if a.type is None or a.type.dims is None or a.type.dtype is None:
-                raise DSLError(f"func argument '{a.name}' needs a tensor type", a.pos,
-                               hint=f"write `{a.name}: bf16[B, S, 64]` (dtype and dims)")
+                raise DSLError(
+                    f"func argument '{a.name}' needs a tensor type",
+                    a.pos,
+                    hint=f"write `{a.name}: bf16[B, S, 64]` (dtype and dims)",
+                )
             if a.default is not None:
                 raise DSLError("func arguments take no default", a.default.pos, hint="remove `= ...`")
             if a.name in args:
                 raise DSLError(f"argument '{a.name}' is declared twice", a.pos, hint="rename one")
             for d in a.type.dims:
                 self._declare_symbols(d, frame)
-            args[a.name] = tensor(self.dtype_of(a.type.dtype, frame), [self.dim_of(d, frame, static=False) for d in a.type.dims])
+            args[a.name] = tensor(
+                self.dtype_of(a.type.dtype, frame), [self.dim_of(d, frame, static=False) for d in a.type.dims]
+            )
         try:
             self.fb = self.mb.function(func.name, **args)
         except BuildError as e:
@@ -86,8 +117,11 @@ class Lowerer:
             raise DSLError(f"func '{func.name}' returns nothing", func.name_pos, hint="end it with `return value, ...`")
         for v, b in results:
             if not isinstance(v, Value):
-                raise DSLError(f"func '{func.name}' must return tensors, got {describe(v)}", b.pos,
-                               hint="a func's results are IR values; return a tensor")
+                raise DSLError(
+                    f"func '{func.name}' must return tensors, got {describe(v)}",
+                    b.pos,
+                    hint="a func's results are IR values; return a tensor",
+                )
         self.fb.ret(*(v for v, _ in results))
         self.fb = None
 
@@ -114,8 +148,11 @@ class Lowerer:
             elif isinstance(s, n.Error):
                 message = self.eval(s.message, frame)
                 if not isinstance(message, str):
-                    raise DSLError(f"error() takes a string, got {describe(message)}", s.message.pos,
-                                   hint='error("what is wrong and what to do")')
+                    raise DSLError(
+                        f"error() takes a string, got {describe(message)}",
+                        s.message.pos,
+                        hint='error("what is wrong and what to do")',
+                    )
                 raise DSLError(message, s.pos, hint="raised by an error() statement of the model source")
             elif isinstance(s, n.If):
                 out = self.exec_if(s, frame)
@@ -136,28 +173,41 @@ class Lowerer:
             values = list(v) if isinstance(v, tuple) else [v]
             if len(values) != len(targets):
                 what = f"gives {len(values)} value(s)"
-                raise DSLError(f"cannot assign: the right side {what} but there are {len(targets)} name(s)",
-                               s.values[0].pos, hint=f"write {len(values)} name(s) on the left, separated by commas")
+                raise DSLError(
+                    f"cannot assign: the right side {what} but there are {len(targets)} name(s)",
+                    s.values[0].pos,
+                    hint=f"write {len(values)} name(s) on the left, separated by commas",
+                )
         else:
             if len(s.values) != len(targets):
-                raise DSLError(f"{len(targets)} name(s) but {len(s.values)} value(s)", s.pos,
-                               hint="give one value per name")
+                raise DSLError(
+                    f"{len(targets)} name(s) but {len(s.values)} value(s)", s.pos, hint="give one value per name"
+                )
             values = [self.eval(x, frame) for x in s.values]
         for (name, pos), v in zip(targets, values):
             if name in frame.params:
-                raise DSLError(f"'{name}' is a param of this block and cannot be reassigned", pos,
-                               hint="pick another variable name")
+                raise DSLError(
+                    f"'{name}' is a param of this block and cannot be reassigned",
+                    pos,
+                    hint="pick another variable name",
+                )
             frame.vars[name] = v
 
     def exec_if(self, s: n.If, frame: Frame):
         for cond, body in s.branches:
             c = self.eval(cond, frame)
             if isinstance(c, Value):
-                raise DSLError("an `if` condition must be a compile-time constant, not a tensor", cond.pos,
-                               hint="`if` picks code at compile time; select between tensors with where(cond, a, b)")
+                raise DSLError(
+                    "an `if` condition must be a compile-time constant, not a tensor",
+                    cond.pos,
+                    hint="`if` picks code at compile time; select between tensors with where(cond, a, b)",
+                )
             if not isinstance(c, bool):
-                raise DSLError(f"an `if` condition must be a bool, got {describe(c)}", cond.pos,
-                               hint="compare explicitly, e.g. `n > 0`")
+                raise DSLError(
+                    f"an `if` condition must be a bool, got {describe(c)}",
+                    cond.pos,
+                    hint="compare explicitly, e.g. `n > 0`",
+                )
             if c:
                 return self.exec_body(body, frame)
         return self.exec_body(s.orelse, frame) if s.orelse is not None else None
@@ -167,8 +217,11 @@ class Lowerer:
         for e in (s.start, s.stop):
             v = self.eval(e, frame)
             if not (isinstance(v, int) and not isinstance(v, bool)):
-                raise DSLError(f"`repeat` bounds must be ints, got {describe(v)}", e.pos,
-                               hint="use int(...) or an int config constant")
+                raise DSLError(
+                    f"`repeat` bounds must be ints, got {describe(v)}",
+                    e.pos,
+                    hint="use int(...) or an int config constant",
+                )
             bounds.append(v)
         for i in range(bounds[0], bounds[1]):
             frame.vars[s.var] = i
@@ -181,13 +234,21 @@ class Lowerer:
         assert self.fb is not None
         t = s.type
         if t.dims is None or t.dtype is None:
-            raise DSLError(f"param '{s.name}' needs a tensor type", t.pos, hint=f"write `param {s.name}: bf16[rows, cols] = ...`")
+            raise DSLError(
+                f"param '{s.name}' needs a tensor type", t.pos, hint=f"write `param {s.name}: bf16[rows, cols] = ...`"
+            )
         if s.name in frame.vars and s.name not in frame.params:
-            raise DSLError(f"param '{s.name}' has the name of a variable of this {'block' if frame.block else 'func'}",
-                           s.name_pos, hint="rename the param or the variable")
+            raise DSLError(
+                f"param '{s.name}' has the name of a variable of this {'block' if frame.block else 'func'}",
+                s.name_pos,
+                hint="rename the param or the variable",
+            )
         if s.name in frame.params:
-            raise DSLError(f"param '{s.name}' is declared twice in this {'block' if frame.block else 'func'}", s.name_pos,
-                           hint=f"the first declaration is at {frame.params[s.name]}")
+            raise DSLError(
+                f"param '{s.name}' is declared twice in this {'block' if frame.block else 'func'}",
+                s.name_pos,
+                hint=f"the first declaration is at {frame.params[s.name]}",
+            )
         dtype = self.dtype_of(t.dtype, frame)
         shape = [self.dim_of(d, frame, static=True) for d in t.dims]
         init = self.init_string(s.init, frame)
@@ -201,17 +262,27 @@ class Lowerer:
 
     def init_string(self, init: n.Init, frame: Frame) -> str:
         if init.kind not in _INITS:
-            hint = did_you_mean(init.kind, _INITS) or "initializers: zeros, ones, normal(std), uniform(lo, hi), constant(v)"
+            hint = (
+                did_you_mean(init.kind, _INITS)
+                or "initializers: zeros, ones, normal(std), uniform(lo, hi), constant(v)"
+            )
             raise DSLError(f"unknown initializer '{init.kind}'", init.pos, hint=hint)
         want = _INITS[init.kind]
         if len(init.args) != want:
-            raise DSLError(f"{init.kind} takes {want} argument(s), got {len(init.args)}", init.pos,
-                           hint="initializers: zeros, ones, normal(std), uniform(lo, hi), constant(v)")
+            raise DSLError(
+                f"{init.kind} takes {want} argument(s), got {len(init.args)}",
+                init.pos,
+                hint="initializers: zeros, ones, normal(std), uniform(lo, hi), constant(v)",
+            )
         vals = []
         for a in init.args:
             v = self.eval(a, frame)
             if not is_number(v) or not math.isfinite(v):
-                raise DSLError(f"{init.kind}() needs finite numbers, got {describe(v)}", a.pos, hint="use a number or a config constant")
+                raise DSLError(
+                    f"{init.kind}() needs finite numbers, got {describe(v)}",
+                    a.pos,
+                    hint="use a number or a config constant",
+                )
             vals.append(_fmt_number(v))
         return init.kind + (f"({', '.join(vals)})" if vals else "")
 
@@ -223,18 +294,28 @@ class Lowerer:
             raise DSLError(f"'{e.id}' is {describe(v)}, not a dtype", e.pos, hint="dtypes: " + ", ".join(DTYPE_NAMES))
         if e.id in DTYPE_NAMES:
             return DTYPE_NAMES[e.id]
-        raise DSLError(f"unknown dtype '{e.id}'", e.pos,
-                       hint=(did_you_mean(e.id, DTYPE_NAMES) + " " if did_you_mean(e.id, DTYPE_NAMES) else "")
-                       + "dtypes: " + ", ".join(DTYPE_NAMES))
+        raise DSLError(
+            f"unknown dtype '{e.id}'",
+            e.pos,
+            hint=(did_you_mean(e.id, DTYPE_NAMES) + " " if did_you_mean(e.id, DTYPE_NAMES) else "")
+            + "dtypes: "
+            + ", ".join(DTYPE_NAMES),
+        )
 
     def dim_of(self, e: n.Expr, frame: Frame, static: bool) -> int | str:
         v = self.eval(e, frame)
         if not is_dim(v) or (isinstance(v, int) and v < 0):
-            raise DSLError(f"a dimension must be a non-negative int or a symbol, got {describe(v)}", e.pos,
-                           hint="dims are ints, config constants, symbols (B, S) or products (B*S)")
+            raise DSLError(
+                f"a dimension must be a non-negative int or a symbol, got {describe(v)}",
+                e.pos,
+                hint="dims are ints, config constants, symbols (B, S) or products (B*S)",
+            )
         if static and isinstance(v, Sym):
-            raise DSLError(f"param shapes must be static, but '{v.dim}' is symbolic", e.pos,
-                           hint="size weights with config constants or ints")
+            raise DSLError(
+                f"param shapes must be static, but '{v.dim}' is symbolic",
+                e.pos,
+                hint="size weights with config constants or ints",
+            )
         return v.dim if isinstance(v, Sym) else v
 
     # ---------------- expressions ----------------
@@ -257,8 +338,11 @@ class Lowerer:
         if isinstance(e, n.Call):
             v = self.eval_call(e, frame)
             if isinstance(v, tuple):
-                raise DSLError(f"'{e.func}' gives {len(v)} values, expected one here", e.pos,
-                               hint="assign them to names first: `a, b = ...`")
+                raise DSLError(
+                    f"'{e.func}' gives {len(v)} values, expected one here",
+                    e.pos,
+                    hint="assign them to names first: `a, b = ...`",
+                )
             return v
         if isinstance(e, n.ListExpr):
             return [self.eval(x, frame) for x in e.items]
@@ -280,13 +364,20 @@ class Lowerer:
         close = did_you_mean(e.id, list(frame.vars) + list(self.config) + list(DTYPE_NAMES))
         if self.fb is None:
             later = any(c.name == e.id for c in self.prog.main.config)
-            raise DSLError(f"unknown name '{e.id}' in config", e.pos,
-                           hint="a config constant may use only constants defined above it" if later else
-                           close or "define it earlier in the config")
+            raise DSLError(
+                f"unknown name '{e.id}' in config",
+                e.pos,
+                hint="a config constant may use only constants defined above it"
+                if later
+                else close or "define it earlier in the config",
+            )
         if frame.block is not None:
-            raise DSLError(f"block '{frame.block.name}' reads '{e.id}', which is not a local name, an argument or a config "
-                           f"constant of this model", e.pos,
-                           hint=close or f"if it is a config constant, add `{e.id} = ...` to the model's config")
+            raise DSLError(
+                f"block '{frame.block.name}' reads '{e.id}', which is not a local name, an argument or a config "
+                f"constant of this model",
+                e.pos,
+                hint=close or f"if it is a config constant, add `{e.id} = ...` to the model's config",
+            )
         raise DSLError(f"unknown name '{e.id}'", e.pos, hint=close or "assign it before use")
 
     def eval_getattr(self, e: n.GetAttr, frame: Frame) -> Any:
@@ -304,13 +395,19 @@ class Lowerer:
         obj = self.eval(e.obj, frame)
         idx = self.eval(e.index, frame)
         if isinstance(obj, Value):
-            raise DSLError("tensor indexing is not supported", e.pos,
-                           hint="use slice(x, axis=..., start=..., stop=...) or take(x, idx, axis=...)")
+            raise DSLError(
+                "tensor indexing is not supported",
+                e.pos,
+                hint="use slice(x, axis=..., start=..., stop=...) or take(x, idx, axis=...)",
+            )
         if not isinstance(obj, list):
             raise DSLError(f"cannot index {describe(obj)}", e.pos, hint="only lists (e.g. x.shape) take [i]")
         if not (isinstance(idx, int) and not isinstance(idx, bool)) or not -len(obj) <= idx < len(obj):
-            raise DSLError(f"index {describe(idx)} is out of range for a list of {len(obj)}", e.index.pos,
-                           hint=f"use an int in {-len(obj)}..{len(obj) - 1}")
+            raise DSLError(
+                f"index {describe(idx)} is out of range for a list of {len(obj)}",
+                e.index.pos,
+                hint=f"use an int in {-len(obj)}..{len(obj) - 1}",
+            )
         return obj[idx]
 
     def eval_unary(self, e: n.Unary, frame: Frame) -> Any:
@@ -329,8 +426,11 @@ class Lowerer:
         b = self.eval(e.right, frame)
         if isinstance(a, Value) or isinstance(b, Value):
             if e.op not in _TENSOR_BINARY:
-                raise DSLError(f"operator '{e.op}' is not defined on tensors", e.pos,
-                               hint="tensors take + - * / ** and comparisons")
+                raise DSLError(
+                    f"operator '{e.op}' is not defined on tensors",
+                    e.pos,
+                    hint="tensors take + - * / ** and comparisons",
+                )
             operands = self.operands([a, b], [e.left, e.right], _TENSOR_BINARY[e.op])
             return self.emit(_TENSOR_BINARY[e.op], operands, {}, e.pos)
         try:
@@ -344,13 +444,19 @@ class Lowerer:
         if e.func in self.prog.blocks:
             return self.call_block(self.prog.blocks[e.func], e, frame)
         if e.func in self.prog.funcs:
-            raise DSLError(f"'{e.func}' is a func; only blocks and ops can be called", e.func_pos,
-                           hint=f"make '{e.func}' a block to reuse it")
+            raise DSLError(
+                f"'{e.func}' is a func; only blocks and ops can be called",
+                e.func_pos,
+                hint=f"make '{e.func}' a block to reuse it",
+            )
         known = e.func in BUILTINS or e.func in ALIASES or e.func in self.ops
         if not known:
             close = did_you_mean(e.func, list(self.prog.blocks) + list(self.ops) + list(ALIASES) + list(BUILTINS))
-            raise DSLError(f"unknown op or block '{e.func}'", e.func_pos,
-                           hint=close or "ops are listed by `r1c passes`; blocks come from this file or its imports")
+            raise DSLError(
+                f"unknown op or block '{e.func}'",
+                e.func_pos,
+                hint=close or "ops are listed by `r1c passes`; blocks come from this file or its imports",
+            )
         args = [self.eval(a, frame) for a in e.args]
         kwargs = {k.name: (self.eval(k.value, frame), k) for k in e.kwargs}
         if e.func in BUILTINS and not any(isinstance(a, Value) for a in args):
@@ -362,16 +468,25 @@ class Lowerer:
             except ConstError as err:
                 raise DSLError(err.message, e.pos, hint=err.hint or f"{e.func}() works on numbers") from None
         if self.fb is None:
-            raise DSLError(f"'{e.func}' is an op; config constants must be compile-time values", e.func_pos,
-                           hint="config expressions use numbers, constants and min, max, int, float, sqrt, log, exp, abs, yarn_mscale")
+            raise DSLError(
+                f"'{e.func}' is an op; config constants must be compile-time values",
+                e.func_pos,
+                hint="config expressions use numbers, constants and min, max, int, float, sqrt, log, exp, abs, "
+                "yarn_mscale",
+            )
         name = {"min": "minimum", "max": "maximum"}.get(e.func, e.func)
         if name not in self.ops and name not in ALIASES:
-            raise DSLError(f"{e.func}() works on constants, not tensors", e.func_pos,
-                           hint="convert tensors with cast(x, dtype=...)")
+            raise DSLError(
+                f"{e.func}() works on constants, not tensors",
+                e.func_pos,
+                hint="convert tensors with cast(x, dtype=...)",
+            )
         if name in ALIASES:
             name = ALIASES[name]
             if "axis" not in kwargs and "axes" not in kwargs:
-                raise DSLError(f"{e.func} needs axis=...", e.pos, hint=f"e.g. {e.func}(x, axis=-1) or {e.func}(x, axis=[1, 2])")
+                raise DSLError(
+                    f"{e.func} needs axis=...", e.pos, hint=f"e.g. {e.func}(x, axis=-1) or {e.func}(x, axis=[1, 2])"
+                )
             if "axis" in kwargs:
                 axis, kw = kwargs.pop("axis")
                 kwargs["axes"] = (axis if isinstance(axis, list) else [axis], kw)
@@ -380,8 +495,11 @@ class Lowerer:
             if key not in opdef.attrs:
                 accepted = ", ".join(opdef.attrs) or "none"
                 close = did_you_mean(key, opdef.attrs)
-                raise DSLError(f"{e.func} has no attribute '{key}'", kw.pos,
-                               hint=f"{close + ' ' if close else ''}{e.func} takes: {accepted}")
+                raise DSLError(
+                    f"{e.func} has no attribute '{key}'",
+                    kw.pos,
+                    hint=f"{close + ' ' if close else ''}{e.func} takes: {accepted}",
+                )
         operands = self.operands(args, e.args, name)
         attrs = {k: self.attr_value(v, kw, e.func) for k, (v, kw) in kwargs.items()}
         rel = self.render_path(e.path, frame) if e.path is not None else None
@@ -398,18 +516,27 @@ class Lowerer:
                 out.append(a)
             elif is_number(a):
                 if like is None:
-                    raise DSLError(f"cannot tell the dtype of the number {a} in {op}: no tensor operand gives one", x.pos,
-                                   hint="write constant(value=..., dtype=f32) explicitly")
+                    raise DSLError(
+                        f"cannot tell the dtype of the number {a} in {op}: no tensor operand gives one",
+                        x.pos,
+                        hint="write constant(value=..., dtype=f32) explicitly",
+                    )
                 out.append(self.emit("constant", [], {"value": float(a), "dtype": like.type.dtype, "shape": []}, x.pos))
             else:
-                raise DSLError(f"operand of {op} must be a tensor or a number, got {describe(a)}", x.pos,
-                               hint="attributes are passed by name: key=value")
+                raise DSLError(
+                    f"operand of {op} must be a tensor or a number, got {describe(a)}",
+                    x.pos,
+                    hint="attributes are passed by name: key=value",
+                )
         return out
 
     def attr_value(self, v: Any, kw: n.Kwarg, op: str) -> Any:
         if isinstance(v, Value):
-            raise DSLError(f"attribute '{kw.name}' of {op} must be a compile-time constant, got {describe(v)}", kw.value.pos,
-                           hint="tensors are passed positionally as operands")
+            raise DSLError(
+                f"attribute '{kw.name}' of {op} must be a compile-time constant, got {describe(v)}",
+                kw.value.pos,
+                hint="tensors are passed positionally as operands",
+            )
         if isinstance(v, Sym):
             return v.dim
         if isinstance(v, list):
@@ -437,12 +564,18 @@ class Lowerer:
 
     def call_block(self, blk: n.Callable, e: n.Call, frame: Frame) -> Any:
         if blk.name in self.stack:
-            chain = " -> ".join(self.stack[self.stack.index(blk.name):] + [blk.name])
-            raise DSLError(f"block '{blk.name}' calls itself ({chain})", e.func_pos,
-                           hint="blocks are inlined, so recursion cannot end; use `repeat` for repetition")
+            chain = " -> ".join(self.stack[self.stack.index(blk.name) :] + [blk.name])
+            raise DSLError(
+                f"block '{blk.name}' calls itself ({chain})",
+                e.func_pos,
+                hint="blocks are inlined, so recursion cannot end; use `repeat` for repetition",
+            )
         if e.path is None and blk.has_params:
-            raise DSLError(f"block '{blk.name}' declares params, so its call needs `as PATH`", e.pos,
-                           hint=f"e.g. `y = {blk.name}(...) as model.layers[i].{blk.name}`; the path names its weights")
+            raise DSLError(
+                f"block '{blk.name}' declares params, so its call needs `as PATH`",
+                e.pos,
+                hint=f"e.g. `y = {blk.name}(...) as model.layers[i].{blk.name}`; the path names its weights",
+            )
         values = self.bind_args(blk, e, frame)
         rel = self.render_path(e.path, frame) if e.path is not None else ""
         inner = Frame({}, blk, f"{frame.path}.{rel}" if frame.path and rel else frame.path or rel)
@@ -459,8 +592,11 @@ class Lowerer:
         finally:
             self.stack.pop()
         if not results:
-            raise DSLError(f"block '{blk.name}' returns nothing", e.pos,
-                           hint=f"end block '{blk.name}' (declared at {blk.name_pos}) with `return value, ...`")
+            raise DSLError(
+                f"block '{blk.name}' returns nothing",
+                e.pos,
+                hint=f"end block '{blk.name}' (declared at {blk.name_pos}) with `return value, ...`",
+            )
         vals = tuple(v for v, _ in results)
         return vals[0] if len(vals) == 1 else vals
 
@@ -468,8 +604,11 @@ class Lowerer:
         """Match positional and keyword arguments to the block's declaration; evaluates them in the caller's frame."""
         sig = f"{blk.name}({', '.join(a.name for a in blk.args)})"
         if len(e.args) > len(blk.args):
-            raise DSLError(f"block '{blk.name}' takes {len(blk.args)} argument(s), got {len(e.args) + len(e.kwargs)}",
-                           e.args[len(blk.args)].pos, hint=f"it is declared {sig} at {blk.name_pos}")
+            raise DSLError(
+                f"block '{blk.name}' takes {len(blk.args)} argument(s), got {len(e.args) + len(e.kwargs)}",
+                e.args[len(blk.args)].pos,
+                hint=f"it is declared {sig} at {blk.name_pos}",
+            )
         given: dict[str, tuple[Any, n.Expr | None]] = {}
         for decl, x in zip(blk.args, e.args):
             given[decl.name] = (self.eval(x, frame), x)
@@ -477,8 +616,11 @@ class Lowerer:
         for k in e.kwargs:
             if k.name not in names:
                 close = did_you_mean(k.name, names)
-                raise DSLError(f"block '{blk.name}' has no argument '{k.name}'", k.pos,
-                               hint=f"{close + ' ' if close else ''}it is declared {sig}")
+                raise DSLError(
+                    f"block '{blk.name}' has no argument '{k.name}'",
+                    k.pos,
+                    hint=f"{close + ' ' if close else ''}it is declared {sig}",
+                )
             if k.name in given:
                 raise DSLError(f"argument '{k.name}' is given twice", k.pos, hint=f"it is declared {sig}")
             given[k.name] = (self.eval(k.value, frame), k.value)
@@ -508,35 +650,54 @@ class Lowerer:
     def check_kind(self, blk: n.Callable, decl: n.ArgDecl, spec: n.TypeSpec, v: Any, x: n.Expr) -> Any:
         kind = spec.kind
         if kind not in _KINDS:
-            raise DSLError(f"unknown argument kind '{kind}'", spec.pos,
-                           hint=(did_you_mean(kind, _KINDS) + " " if did_you_mean(kind, _KINDS) else "")
-                           + "kinds: " + ", ".join(sorted(_KINDS)) + "; tensors take a shape pattern [B, S, D]")
-        ok = {"int": lambda: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda: is_number(v),
-              "bool": lambda: isinstance(v, bool),
-              "str": lambda: isinstance(v, str),
-              "dtype": lambda: isinstance(v, DType),
-              "dim": lambda: is_dim(v),
-              "tensor": lambda: isinstance(v, Value)}[kind]()
+            raise DSLError(
+                f"unknown argument kind '{kind}'",
+                spec.pos,
+                hint=(did_you_mean(kind, _KINDS) + " " if did_you_mean(kind, _KINDS) else "")
+                + "kinds: "
+                + ", ".join(sorted(_KINDS))
+                + "; tensors take a shape pattern [B, S, D]",
+            )
+        ok = {
+            "int": lambda: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda: is_number(v),
+            "bool": lambda: isinstance(v, bool),
+            "str": lambda: isinstance(v, str),
+            "dtype": lambda: isinstance(v, DType),
+            "dim": lambda: is_dim(v),
+            "tensor": lambda: isinstance(v, Value),
+        }[kind]()
         if not ok:
-            raise DSLError(f"argument '{decl.name}' of block '{blk.name}' must be {kind}, got {describe(v)}", x.pos,
-                           hint=f"declared as `{decl.name}: {kind}` at {decl.pos}")
+            raise DSLError(
+                f"argument '{decl.name}' of block '{blk.name}' must be {kind}, got {describe(v)}",
+                x.pos,
+                hint=f"declared as `{decl.name}: {kind}` at {decl.pos}",
+            )
         return float(v) if kind == "float" else v
 
-    def match_pattern(self, blk: n.Callable, decl: n.ArgDecl, spec: n.TypeSpec, v: Any, x: n.Expr, inner: Frame) -> None:
+    def match_pattern(
+        self, blk: n.Callable, decl: n.ArgDecl, spec: n.TypeSpec, v: Any, x: n.Expr, inner: Frame
+    ) -> None:
         """Bind the names of a shape pattern [B, S, D] to the argument's dims; check already-bound ones."""
         assert spec.dims is not None
         where = f"argument '{decl.name}' of block '{blk.name}'"
         if not isinstance(v, Value):
-            raise DSLError(f"{where} must be a tensor, got {describe(v)}", x.pos, hint=f"declared with a shape pattern at {decl.pos}")
+            raise DSLError(
+                f"{where} must be a tensor, got {describe(v)}",
+                x.pos,
+                hint=f"declared with a shape pattern at {decl.pos}",
+            )
         t = v.type
         if spec.dtype is not None:
             want = self.dtype_of(spec.dtype, inner)
             if want != t.dtype:
                 raise DSLError(f"{where} must be {want}, got {t}", x.pos, hint=f"insert cast(x, dtype={want})")
         if len(spec.dims) != t.rank:
-            raise DSLError(f"{where} must have rank {len(spec.dims)}, got {t}", x.pos,
-                           hint=f"the pattern at {decl.pos} has {len(spec.dims)} entries")
+            raise DSLError(
+                f"{where} must have rank {len(spec.dims)}, got {t}",
+                x.pos,
+                hint=f"the pattern at {decl.pos} has {len(spec.dims)} entries",
+            )
         for entry, actual in zip(spec.dims, t.shape):
             if isinstance(entry, n.Name):
                 if entry.id == "_":
@@ -549,10 +710,14 @@ class Lowerer:
             elif isinstance(entry, n.Num) and isinstance(entry.value, int):
                 expected = entry.value
             else:
-                raise DSLError("a shape pattern entry must be a name, an int or _", entry.pos,
-                               hint="e.g. `x: [B, S, hidden_size]`")
+                raise DSLError(
+                    "a shape pattern entry must be a name, an int or _", entry.pos, hint="e.g. `x: [B, S, hidden_size]`"
+                )
             exp_dim = expected.dim if isinstance(expected, Sym) else expected
             if exp_dim != actual:
                 label = entry.id if isinstance(entry, n.Name) else str(entry.value)
-                raise DSLError(f"{where} has dim {actual} where the pattern wants {label} = {exp_dim} (got {t})", x.pos,
-                               hint=f"pattern declared at {decl.pos}")
+                raise DSLError(
+                    f"{where} has dim {actual} where the pattern wants {label} = {exp_dim} (got {t})",
+                    x.pos,
+                    hint=f"pattern declared at {decl.pos}",
+                )

@@ -63,6 +63,7 @@ class Kwarg:
 @dataclass
 class InstancePath:
     """`as model.layers[i]`: names, and index expressions evaluated at the call."""
+
     pos: Pos
     parts: list[str | Expr]
 
@@ -94,6 +95,7 @@ class Index(Expr):
 @dataclass
 class TypeSpec:
     """`int` (kind), `[B, S, D]` (shape pattern) or `bf16[B, S]` (tensor type)."""
+
     pos: Pos
     kind: str | None = None
     dtype: Name | None = None
@@ -164,6 +166,7 @@ class ArgDecl:
 @dataclass
 class Callable:
     """A `block` or a `func`."""
+
     pos: Pos
     name: str
     name_pos: Pos

@@ -38,10 +38,15 @@ def gather(main: n.File, main_path: Path | None, search_path: list[Path], reserv
     def define(c: n.Callable) -> None:
         if c.name in defined:
             first = defined[c.name]
-            raise DSLError(f"'{c.name}' is defined twice", c.name_pos, hint=f"the first definition is at {first}; rename one")
+            raise DSLError(
+                f"'{c.name}' is defined twice", c.name_pos, hint=f"the first definition is at {first}; rename one"
+            )
         if c.name in reserved:
-            raise DSLError(f"{'func' if c.is_func else 'block'} '{c.name}' has the name of an op or builtin", c.name_pos,
-                           hint="rename it: calls to that name must keep meaning the op")
+            raise DSLError(
+                f"{'func' if c.is_func else 'block'} '{c.name}' has the name of an op or builtin",
+                c.name_pos,
+                hint="rename it: calls to that name must keep meaning the op",
+            )
         defined[c.name] = c.name_pos
         (prog.funcs if c.is_func else prog.blocks)[c.name] = c
 
@@ -50,17 +55,23 @@ def gather(main: n.File, main_path: Path | None, search_path: list[Path], reserv
             dirs = ([here] if here else []) + search_path + [stdlib_dir()]
             found = next((d / f"{imp.name}.r1" for d in dirs if (d / f"{imp.name}.r1").is_file()), None)
             if found is None:
-                raise DSLError(f"cannot find '{imp.name}.r1' to import", imp.pos,
-                               hint="looked in " + ", ".join(str(d) for d in dirs))
+                raise DSLError(
+                    f"cannot find '{imp.name}.r1' to import",
+                    imp.pos,
+                    hint="looked in " + ", ".join(str(d) for d in dirs),
+                )
             key = found.resolve()
             if key in visited:
                 continue
             visited.add(key)
             sub = parse(found.read_text(), str(found))
             if sub.model_items:
-                raise DSLError(f"an imported file may hold only blocks and imports, but {found.name} has "
-                               f"`model`, `config` or `func`", sub.model_items[0],
-                               hint="move config and funcs to the model file")
+                raise DSLError(
+                    f"an imported file may hold only blocks and imports, but {found.name} has "
+                    f"`model`, `config` or `func`",
+                    sub.model_items[0],
+                    hint="move config and funcs to the model file",
+                )
             visit(sub, found.parent)
             for b in sub.blocks:
                 define(b)

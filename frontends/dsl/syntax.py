@@ -50,15 +50,24 @@ class _Newlines:
                 stack.append(tok)
             elif tok.value in _CLOSE and tok.type != "STRING":
                 if not stack:
-                    raise _BracketError(f"unmatched '{tok.value}'", tok,
-                                        f"remove it, or add the '{_CLOSE[tok.value]}' that it should close")
+                    raise _BracketError(
+                        f"unmatched '{tok.value}'",
+                        tok,
+                        f"remove it, or add the '{_CLOSE[tok.value]}' that it should close",
+                    )
                 if not any(o.value == _CLOSE[tok.value] for o in stack):
-                    raise _BracketError(f"unmatched '{tok.value}'", tok,
-                                        f"remove it, or add the '{_CLOSE[tok.value]}' that it should close")
+                    raise _BracketError(
+                        f"unmatched '{tok.value}'",
+                        tok,
+                        f"remove it, or add the '{_CLOSE[tok.value]}' that it should close",
+                    )
                 if stack[-1].value != _CLOSE[tok.value]:
                     opener = stack[-1]
-                    raise _BracketError(f"'{opener.value}' is not closed", opener,
-                                        f"add '{_OPEN[opener.value]}' before the '{tok.value}' at line {tok.line}")
+                    raise _BracketError(
+                        f"'{opener.value}' is not closed",
+                        opener,
+                        f"add '{_OPEN[opener.value]}' before the '{tok.value}' at line {tok.line}",
+                    )
                 stack.pop()
                 if tok.type == "_RBRACE" and prev not in ("_NL", "_LBRACE"):
                     yield Token.new_borrow_pos("_NL", "", tok)
@@ -66,8 +75,7 @@ class _Newlines:
             yield tok
         if stack:
             opener = stack[-1]
-            raise _BracketError(f"'{opener.value}' is not closed", opener,
-                                f"add the matching '{_OPEN[opener.value]}'")
+            raise _BracketError(f"'{opener.value}' is not closed", opener, f"add the matching '{_OPEN[opener.value]}'")
         if prev not in (None, "_NL") and last is not None:
             yield Token("_NL", "", last.end_pos, last.end_line, last.end_column, last.end_line, last.end_column)
 
@@ -75,16 +83,34 @@ class _Newlines:
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
     grammar = (Path(__file__).parent / "grammar.lark").read_text()
-    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=True,
-                postlex=_Newlines())
+    return Lark(
+        grammar,
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        maybe_placeholders=True,
+        postlex=_Newlines(),
+    )
 
 
 def _tok_pos(src: SourceFile, tok: Token) -> Pos:
-    return Pos(src, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + max(1, len(tok.value)))
+    return Pos(
+        src, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + max(1, len(tok.value))
+    )
 
 
-_DESCRIBE = {"NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string", "_NL": "end of line",
-             "_NL_ELSE": "end of line", "COMP_OP": "a comparison", "$END": "end of file", "TRUE": "'true'", "FALSE": "'false'"}
+_DESCRIBE = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "FLOAT": "a number",
+    "STRING": "a string",
+    "_NL": "end of line",
+    "_NL_ELSE": "end of line",
+    "COMP_OP": "a comparison",
+    "$END": "end of file",
+    "TRUE": "'true'",
+    "FALSE": "'false'",
+}
 
 
 def _describe_expected(parser: Lark, names: set[str]) -> str:
@@ -102,11 +128,15 @@ def _describe_expected(parser: Lark, names: set[str]) -> str:
 
 def _syntax_error(parser: Lark, src: SourceFile, e: Exception) -> DSLError:
     if isinstance(e, UnexpectedCharacters):
-        ch = src.line(e.line)[e.column - 1: e.column] or "?"
+        ch = src.line(e.line)[e.column - 1 : e.column] or "?"
         pos = Pos(src, e.line, e.column, e.line, e.column + 1)
-        return DSLError(f"unexpected character '{ch}'", pos,
-                        hint=f"expected {_describe_expected(parser, set(e.allowed))}" if e.allowed else
-                        "this character is not part of the language")
+        return DSLError(
+            f"unexpected character '{ch}'",
+            pos,
+            hint=f"expected {_describe_expected(parser, set(e.allowed))}"
+            if e.allowed
+            else "this character is not part of the language",
+        )
     if isinstance(e, UnexpectedToken):
         tok = e.token
         expected = _describe_expected(parser, set(e.expected))
@@ -123,8 +153,11 @@ def _syntax_error(parser: Lark, src: SourceFile, e: Exception) -> DSLError:
     assert isinstance(e, UnexpectedEOF)
     last = len(src.lines) or 1
     col = len(src.line(last)) + 1
-    return DSLError("unexpected end of file", Pos(src, last, col, last, col + 1),
-                    hint=f"expected {_describe_expected(parser, set(e.expected))}")
+    return DSLError(
+        "unexpected end of file",
+        Pos(src, last, col, last, col + 1),
+        hint=f"expected {_describe_expected(parser, set(e.expected))}",
+    )
 
 
 def parse(text: str, filename: str) -> n.File:
@@ -179,8 +212,11 @@ class _ToNodes(Transformer):
                 f.model_items.append(it[2])
             else:
                 if f.config_pos is not None:
-                    raise DSLError("a second `config` section", it[1],
-                                   hint=f"put all constants in the section at line {f.config_pos.line}")
+                    raise DSLError(
+                        "a second `config` section",
+                        it[1],
+                        hint=f"put all constants in the section at line {f.config_pos.line}",
+                    )
                 f.config_pos, f.config = it[1], it[2]
                 f.model_items.append(it[1])
         return f
@@ -253,6 +289,7 @@ class _ToNodes(Transformer):
     def _binary(op):  # noqa: N805  (a rule factory, used in the class body)
         def rule(self, meta, left, right):
             return n.Binary(self._pos(meta), op, left, right)
+
         return rule
 
     or_ = _binary("or")
@@ -303,8 +340,11 @@ class _ToNodes(Transformer):
         args = _present(args)
         for before, after in zip(args, args[1:]):
             if isinstance(before, n.Kwarg) and not isinstance(after, n.Kwarg):
-                raise DSLError("a positional argument follows a keyword argument", after.pos,
-                               hint="put operands first, then key=value attributes")
+                raise DSLError(
+                    "a positional argument follows a keyword argument",
+                    after.pos,
+                    hint="put operands first, then key=value attributes",
+                )
         pos_args = [a for a in args if not isinstance(a, n.Kwarg)]
         kwargs = [a for a in args if isinstance(a, n.Kwarg)]
         for i, k in enumerate(kwargs):

@@ -27,8 +27,17 @@ def _fp8_e4m3fn_table() -> np.ndarray:
 
 
 _FP8_E4M3 = _fp8_e4m3fn_table()
-_PLAIN = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-          "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_PLAIN = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def _decode(raw: np.ndarray, dtype: str, shape: list[int], name: str, path: Path) -> np.ndarray:
@@ -49,5 +58,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         tensors = safetensors.deserialize(path.read_bytes())
     except safetensors.SafetensorError as e:
         raise SafetensorsError(f"{path}: not a valid safetensors file: {e}") from None
-    return {name: _decode(np.frombuffer(info["data"], dtype=np.uint8), info["dtype"], info["shape"], name, path)
-            for name, info in tensors}
+    return {
+        name: _decode(np.frombuffer(info["data"], dtype=np.uint8), info["dtype"], info["shape"], name, path)
+        for name, info in tensors
+    }

@@ -56,8 +56,9 @@ def _stack_experts(per_expert: dict[str, dict[int, dict[str, np.ndarray]]]) -> d
     return out
 
 
-def to_r1c_names(tensors: dict[str, np.ndarray], num_layers: int, num_mtp_layers: int,
-                 tie_embeddings: bool) -> dict[str, np.ndarray]:
+def to_r1c_names(
+    tensors: dict[str, np.ndarray], num_layers: int, num_mtp_layers: int, tie_embeddings: bool
+) -> dict[str, np.ndarray]:
     """Rename/restack HF tensors to r1c parameter names (shapes are checked later, against the module)."""
     out: dict[str, np.ndarray] = {}
     per_expert: dict[str, dict[int, dict[str, np.ndarray]]] = {}
@@ -90,11 +91,15 @@ def check_weights(module: Module, weights: dict[str, np.ndarray]) -> dict[str, n
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} parameter(s): {', '.join(missing[:10])}"
-                         + (" ..." if len(missing) > 10 else ""))
+            parts.append(
+                f"missing {len(missing)} parameter(s): {', '.join(missing[:10])}"
+                + (" ..." if len(missing) > 10 else "")
+            )
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:10])}"
-                         + (" ..." if len(unexpected) > 10 else ""))
+            parts.append(
+                f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:10])}"
+                + (" ..." if len(unexpected) > 10 else "")
+            )
         raise HFWeightError("checkpoint does not match the model: " + "; ".join(parts))
     out: dict[str, np.ndarray] = {}
     for name, p in module.params.items():

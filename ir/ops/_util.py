@@ -24,8 +24,10 @@ def broadcast_shapes(op: str, *shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
             if d == 1:
                 continue
             if size != 1 and size != d:
-                raise OpError(f"{op}: shapes {' and '.join('[' + ','.join(map(str, s)) + ']' for s in shapes)} "
-                              f"do not broadcast (dimension {size} vs {d})")
+                raise OpError(
+                    f"{op}: shapes {' and '.join('[' + ','.join(map(str, s)) + ']' for s in shapes)} "
+                    f"do not broadcast (dimension {size} vs {d})"
+                )
             size = d
         out.append(size)
     return tuple(out)

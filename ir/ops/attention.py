@@ -78,9 +78,21 @@ def _attention_cost(ins, outs, a):
     return Cost(2 * b * h * visible * (dk + dv), bytes_of(ins) + bytes_of(outs))
 
 
-register(OpDef(
-    "attention", "softmax(q k^T * scale + mask) v per head; grouped k/v heads are shared by consecutive query "
-    "heads. causal aligns queries to the end of the keys; window>0 keeps the last `window` keys; the first `sinks` "
-    "keys stay visible.", ("q", "k", "v"), _attention_rule, _attention_ref, _attention_cost,
-    {"scale": AttrSpec("float"), "causal": AttrSpec("bool", True), "window": AttrSpec("int", 0),
-     "sinks": AttrSpec("int", 0)}))
+register(
+    OpDef(
+        "attention",
+        "softmax(q k^T * scale + mask) v per head; grouped k/v heads are shared by consecutive query "
+        "heads. causal aligns queries to the end of the keys; window>0 keeps the last `window` keys; the first `sinks` "
+        "keys stay visible.",
+        ("q", "k", "v"),
+        _attention_rule,
+        _attention_ref,
+        _attention_cost,
+        {
+            "scale": AttrSpec("float"),
+            "causal": AttrSpec("bool", True),
+            "window": AttrSpec("int", 0),
+            "sinks": AttrSpec("int", 0),
+        },
+    )
+)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from r1c.ir.ops._util import broadcast_shapes, require_float, same_dtype
-from r1c.ir.registry import AttrSpec, OpDef, OpError, elementwise_cost, register
+from r1c.ir.registry import OpDef, OpError, elementwise_cost, register
 from r1c.ir.types import DType, TensorType
 
 
@@ -44,6 +44,7 @@ def _unary_rule(name: str):
         if name not in ("neg", "abs", "square", "relu"):
             require_float(name, ins[0])
         return [ins[0]]
+
     return rule
 
 
@@ -52,14 +53,19 @@ def _float_ref(fn):
 
 
 for _name, (_fn, _flops, _doc) in UNARY.items():
-    register(OpDef(_name, f"Elementwise {_doc}.", ("x",), _unary_rule(_name), _float_ref(_fn), elementwise_cost(_flops)))
+    register(
+        OpDef(_name, f"Elementwise {_doc}.", ("x",), _unary_rule(_name), _float_ref(_fn), elementwise_cost(_flops))
+    )
 
 
 BINARY = {
     "add": (np.add, "a+b"),
     "sub": (np.subtract, "a-b"),
     "mul": (np.multiply, "a*b"),
-    "div": (lambda a, b: np.true_divide(a, b) if a.dtype.kind == "f" else np.floor_divide(a, b), "a/b (floor for ints)"),
+    "div": (
+        lambda a, b: np.true_divide(a, b) if a.dtype.kind == "f" else np.floor_divide(a, b),
+        "a/b (floor for ints)",
+    ),
     "pow": (np.power, "a**b"),
     "maximum": (np.maximum, "max(a,b)"),
     "minimum": (np.minimum, "min(a,b)"),
@@ -72,6 +78,7 @@ def _binary_rule(name: str, out_dtype: DType | None = None):
         if out_dtype is None and dtype == DType.bool:
             raise OpError(f"{name}: bool operands; use logical_and/logical_or")
         return [TensorType(out_dtype or dtype, broadcast_shapes(name, *(t.shape for t in ins)))]
+
     return rule
 
 
@@ -79,17 +86,41 @@ def _binary_ref(fn):
     def ref(ins, a):
         x, y = (v.astype(np.float64) if v.dtype.kind == "f" else v for v in ins)
         return [fn(x, y)]
+
     return ref
 
 
 for _name, (_fn, _doc) in BINARY.items():
-    register(OpDef(_name, f"Elementwise {_doc} with broadcasting.", ("a", "b"), _binary_rule(_name), _binary_ref(_fn),
-                   elementwise_cost(1)))
+    register(
+        OpDef(
+            _name,
+            f"Elementwise {_doc} with broadcasting.",
+            ("a", "b"),
+            _binary_rule(_name),
+            _binary_ref(_fn),
+            elementwise_cost(1),
+        )
+    )
 
-COMPARE = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal}
+COMPARE = {
+    "eq": np.equal,
+    "ne": np.not_equal,
+    "lt": np.less,
+    "le": np.less_equal,
+    "gt": np.greater,
+    "ge": np.greater_equal,
+}
 for _name, _fn in COMPARE.items():
-    register(OpDef(_name, f"Elementwise comparison `{_name}` with broadcasting; gives bool.", ("a", "b"),
-                   _binary_rule(_name, DType.bool), _binary_ref(_fn), elementwise_cost(1)))
+    register(
+        OpDef(
+            _name,
+            f"Elementwise comparison `{_name}` with broadcasting; gives bool.",
+            ("a", "b"),
+            _binary_rule(_name, DType.bool),
+            _binary_ref(_fn),
+            elementwise_cost(1),
+        )
+    )
 
 
 def _logical_rule(name: str):
@@ -98,15 +129,40 @@ def _logical_rule(name: str):
             if t.dtype != DType.bool:
                 raise OpError(f"{name}: needs bool operands, got {t}")
         return [TensorType(DType.bool, broadcast_shapes(name, *(t.shape for t in ins)))]
+
     return rule
 
 
-register(OpDef("logical_and", "Elementwise and of bools.", ("a", "b"), _logical_rule("logical_and"),
-               lambda ins, a: [np.logical_and(*ins)], elementwise_cost(1)))
-register(OpDef("logical_or", "Elementwise or of bools.", ("a", "b"), _logical_rule("logical_or"),
-               lambda ins, a: [np.logical_or(*ins)], elementwise_cost(1)))
-register(OpDef("logical_not", "Elementwise not of a bool.", ("a",), _logical_rule("logical_not"),
-               lambda ins, a: [np.logical_not(ins[0])], elementwise_cost(1)))
+register(
+    OpDef(
+        "logical_and",
+        "Elementwise and of bools.",
+        ("a", "b"),
+        _logical_rule("logical_and"),
+        lambda ins, a: [np.logical_and(*ins)],
+        elementwise_cost(1),
+    )
+)
+register(
+    OpDef(
+        "logical_or",
+        "Elementwise or of bools.",
+        ("a", "b"),
+        _logical_rule("logical_or"),
+        lambda ins, a: [np.logical_or(*ins)],
+        elementwise_cost(1),
+    )
+)
+register(
+    OpDef(
+        "logical_not",
+        "Elementwise not of a bool.",
+        ("a",),
+        _logical_rule("logical_not"),
+        lambda ins, a: [np.logical_not(ins[0])],
+        elementwise_cost(1),
+    )
+)
 
 
 def _where_rule(ins, a):
@@ -117,8 +173,16 @@ def _where_rule(ins, a):
     return [TensorType(dtype, broadcast_shapes("where", cond.shape, x.shape, y.shape))]
 
 
-register(OpDef("where", "Select a where cond else b, with broadcasting.", ("cond", "a", "b"), _where_rule,
-               lambda ins, a: [np.where(*ins)], elementwise_cost(1)))
+register(
+    OpDef(
+        "where",
+        "Select a where cond else b, with broadcasting.",
+        ("cond", "a", "b"),
+        _where_rule,
+        lambda ins, a: [np.where(*ins)],
+        elementwise_cost(1),
+    )
+)
 
 
 def _swiglu_rule(ins, a):
@@ -127,5 +191,13 @@ def _swiglu_rule(ins, a):
     return [TensorType(same_dtype("swiglu", ins), broadcast_shapes("swiglu", ins[0].shape, ins[1].shape))]
 
 
-register(OpDef("swiglu", "silu(gate) * up: the gated activation of DeepSeek's FFNs.", ("gate", "up"), _swiglu_rule,
-               _binary_ref(lambda g, u: g * _sigmoid(g) * u), elementwise_cost(6)))
+register(
+    OpDef(
+        "swiglu",
+        "silu(gate) * up: the gated activation of DeepSeek's FFNs.",
+        ("gate", "up"),
+        _swiglu_rule,
+        _binary_ref(lambda g, u: g * _sigmoid(g) * u),
+        elementwise_cost(6),
+    )
+)

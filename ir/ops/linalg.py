@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from r1c.ir.ops._util import broadcast_shapes, require_float, same_dim, same_dtype
-from r1c.ir.registry import Cost, OpDef, OpError, bytes_of, register
+from r1c.ir.registry import Cost, OpDef, OpError, bytes_of, numel, register
 from r1c.ir.types import TensorType
 
 
@@ -22,12 +22,19 @@ def _matmul_rule(ins, a):
 
 def _matmul_cost(ins, outs, a):
     k = ins[0].shape[-1]
-    return Cost(2 * int(np.prod(outs[0].shape, dtype=np.int64)) * k, bytes_of(ins) + bytes_of(outs))
+    return Cost(2 * numel(outs[0]) * k, bytes_of(ins) + bytes_of(outs))
 
 
-register(OpDef("matmul", "Batched matrix product with broadcast batch dims: [..., M, K] @ [..., K, N].", ("a", "b"),
-               _matmul_rule, lambda ins, a: [np.matmul(ins[0].astype(np.float64), ins[1].astype(np.float64))],
-               _matmul_cost))
+register(
+    OpDef(
+        "matmul",
+        "Batched matrix product with broadcast batch dims: [..., M, K] @ [..., K, N].",
+        ("a", "b"),
+        _matmul_rule,
+        lambda ins, a: [np.matmul(ins[0].astype(np.float64), ins[1].astype(np.float64))],
+        _matmul_cost,
+    )
+)
 
 
 def _linear_rule(ins, a):
@@ -43,8 +50,16 @@ def _linear_rule(ins, a):
 
 
 def _linear_cost(ins, outs, a):
-    return Cost(2 * int(np.prod(outs[0].shape, dtype=np.int64)) * ins[1].shape[1], bytes_of(ins) + bytes_of(outs))
+    return Cost(2 * numel(outs[0]) * ins[1].shape[1], bytes_of(ins) + bytes_of(outs))
 
 
-register(OpDef("linear", "x @ w^T with w laid out [out, in] (torch.nn.Linear without bias).", ("x", "w"),
-               _linear_rule, lambda ins, a: [ins[0].astype(np.float64) @ ins[1].astype(np.float64).T], _linear_cost))
+register(
+    OpDef(
+        "linear",
+        "x @ w^T with w laid out [out, in] (torch.nn.Linear without bias).",
+        ("x", "w"),
+        _linear_rule,
+        lambda ins, a: [ins[0].astype(np.float64) @ ins[1].astype(np.float64).T],
+        _linear_cost,
+    )
+)

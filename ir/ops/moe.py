@@ -6,7 +6,6 @@ import numpy as np
 
 from r1c.ir.ops._util import require_float, require_int, require_rank, same_dim, same_dtype
 from r1c.ir.registry import Cost, OpDef, OpError, bytes_of, register
-from r1c.ir.types import TensorType
 
 
 def _moe_rule(ins, a):
@@ -55,7 +54,14 @@ def _moe_cost(ins, outs, a):
     return Cost(t * k * (6 * f * d + 6 * f), bytes_of([x, idx, w]) + weight_bytes + bytes_of(outs))
 
 
-register(OpDef(
-    "moe_experts", "sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t) with e = ids[t,k]: routed SwiGLU experts "
-    "with stacked weights w_gate/w_up [E, F, D] and w_down [E, D, F].",
-    ("x", "ids", "weights", "w_gate", "w_up", "w_down"), _moe_rule, _moe_ref, _moe_cost))
+register(
+    OpDef(
+        "moe_experts",
+        "sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t) with e = ids[t,k]: routed SwiGLU experts "
+        "with stacked weights w_gate/w_up [E, F, D] and w_down [E, D, F].",
+        ("x", "ids", "weights", "w_gate", "w_up", "w_down"),
+        _moe_rule,
+        _moe_ref,
+        _moe_cost,
+    )
+)

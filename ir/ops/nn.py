@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from r1c.ir.ops._util import require_float, require_int, require_rank, same_dim
-from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, register
+from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, per_input_cost, register
 from r1c.ir.types import DType, TensorType
 
 
@@ -25,8 +25,16 @@ def _embedding_ref(ins, a):
     return [table[ids.astype(np.int64)]]
 
 
-register(OpDef("embedding", "Rows of table[V, D] selected by integer ids.", ("table", "ids"), _embedding_rule,
-               _embedding_ref, lambda ins, outs, a: Cost(0, bytes_of(ins[1:]) + 2 * bytes_of(outs))))
+register(
+    OpDef(
+        "embedding",
+        "Rows of table[V, D] selected by integer ids.",
+        ("table", "ids"),
+        _embedding_rule,
+        _embedding_ref,
+        lambda ins, outs, a: Cost(0, bytes_of(ins[1:]) + 2 * bytes_of(outs)),
+    )
+)
 
 
 def _rmsnorm_rule(ins, a):
@@ -42,10 +50,17 @@ def _rmsnorm_ref(ins, a):
     return [w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + a["eps"]))]
 
 
-register(OpDef("rmsnorm", "w * x / sqrt(mean(x^2, last axis) + eps), in float32 or wider.", ("x", "w"),
-               _rmsnorm_rule, _rmsnorm_ref,
-               lambda ins, outs, a: Cost(4 * int(np.prod(ins[0].shape, dtype=np.int64)), bytes_of(ins) + bytes_of(outs)),
-               {"eps": AttrSpec("float", 1e-6)}))
+register(
+    OpDef(
+        "rmsnorm",
+        "w * x / sqrt(mean(x^2, last axis) + eps), in float32 or wider.",
+        ("x", "w"),
+        _rmsnorm_rule,
+        _rmsnorm_ref,
+        per_input_cost(4),
+        {"eps": AttrSpec("float", 1e-6)},
+    )
+)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -59,8 +74,9 @@ def rope_inv_freq(dim: int, a: dict) -> tuple[np.ndarray, float]:
     if a["scaling"] == "none":
         return 1.0 / pos_freqs, 1.0
     factor, mscale, mscale_all = a["factor"], a["mscale"], a["mscale_all_dim"]
-    attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
-                        if mscale and mscale_all else yarn_mscale(factor))
+    attention_factor = (
+        yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all else yarn_mscale(factor)
+    )
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(a["original_max_position"] / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -104,14 +120,27 @@ def _rope_ref(ins, a):
     return [np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)]
 
 
-register(OpDef(
-    "rope", "Rotary position embedding of x[B, S, H, D] at positions[B, S]; optional YaRN frequency scaling.",
-    ("x", "positions"), _rope_rule, _rope_ref,
-    lambda ins, outs, a: Cost(6 * int(np.prod(ins[0].shape, dtype=np.int64)), bytes_of(ins) + bytes_of(outs)),
-    {"theta": AttrSpec("float", 10000.0), "interleaved": AttrSpec("bool", False),
-     "scaling": AttrSpec("str", "none", ("none", "yarn")), "factor": AttrSpec("float", 1.0),
-     "original_max_position": AttrSpec("int", 4096), "beta_fast": AttrSpec("float", 32.0),
-     "beta_slow": AttrSpec("float", 1.0), "mscale": AttrSpec("float", 1.0), "mscale_all_dim": AttrSpec("float", 0.0)}))
+register(
+    OpDef(
+        "rope",
+        "Rotary position embedding of x[B, S, H, D] at positions[B, S]; optional YaRN frequency scaling.",
+        ("x", "positions"),
+        _rope_rule,
+        _rope_ref,
+        per_input_cost(6),
+        {
+            "theta": AttrSpec("float", 10000.0),
+            "interleaved": AttrSpec("bool", False),
+            "scaling": AttrSpec("str", "none", ("none", "yarn")),
+            "factor": AttrSpec("float", 1.0),
+            "original_max_position": AttrSpec("int", 4096),
+            "beta_fast": AttrSpec("float", 32.0),
+            "beta_slow": AttrSpec("float", 1.0),
+            "mscale": AttrSpec("float", 1.0),
+            "mscale_all_dim": AttrSpec("float", 0.0),
+        },
+    )
+)
 
 
 def _xent_rule(ins, a):
@@ -132,15 +161,25 @@ def _xent_ref(ins, a):
     keep = labels != a["ignore_index"]
     bad = keep & ((labels < 0) | (labels >= x.shape[-1]))
     if bad.any():  # a negative label would otherwise silently index from the end
-        raise OpError(f"cross_entropy: label {labels[bad][0]} out of range [0, {x.shape[-1]}) "
-                      f"and not ignore_index {a['ignore_index']}")
+        raise OpError(
+            f"cross_entropy: label {labels[bad][0]} out of range [0, {x.shape[-1]}) "
+            f"and not ignore_index {a['ignore_index']}"
+        )
     if not keep.any():
         return [np.float64(0.0)]
     picked = logp[np.arange(len(labels))[keep], labels[keep].astype(np.int64)]
     return [-picked.mean()]
 
 
-register(OpDef("cross_entropy", "Mean negative log-likelihood of labels under softmax(logits); rows whose label is "
-               "`ignore_index` do not count.", ("logits", "labels"), _xent_rule, _xent_ref,
-               lambda ins, outs, a: Cost(5 * int(np.prod(ins[0].shape, dtype=np.int64)), bytes_of(ins) + bytes_of(outs)),
-               {"ignore_index": AttrSpec("int", -100)}))
+register(
+    OpDef(
+        "cross_entropy",
+        "Mean negative log-likelihood of labels under softmax(logits); rows whose label is "
+        "`ignore_index` do not count.",
+        ("logits", "labels"),
+        _xent_rule,
+        _xent_ref,
+        per_input_cost(5),
+        {"ignore_index": AttrSpec("int", -100)},
+    )
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from r1c.ir.ops._util import axis_of, require_float
-from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, elementwise_cost, register
+from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, elementwise_cost, numel, per_input_cost, register
 from r1c.ir.types import DType, TensorType
 
 
@@ -29,21 +29,33 @@ def _reduce_rule(name: str):
         else:
             shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
         return [x.with_shape(shape)]
+
     return rule
-
-
-def _reduce_cost(ins, outs, a):
-    n = int(np.prod(ins[0].shape, dtype=np.int64))
-    return Cost(n, bytes_of(ins) + bytes_of(outs))
 
 
 REDUCE = {"reduce_sum": np.sum, "reduce_mean": np.mean, "reduce_max": np.max, "reduce_min": np.min}
 for _name, _fn in REDUCE.items():
-    register(OpDef(
-        _name, f"{_name.split('_')[1]} over `axes`.", ("x",), _reduce_rule(_name),
-        (lambda fn: lambda ins, a: [fn(ins[0].astype(np.float64) if ins[0].dtype.kind == "f" else ins[0],
-                                       axis=tuple(a["axes"]), keepdims=a["keepdims"])])(_fn),
-        _reduce_cost, {"axes": AttrSpec("ints"), "keepdims": AttrSpec("bool", False)}))
+    register(
+        OpDef(
+            _name,
+            f"{_name.split('_')[1]} over `axes`.",
+            ("x",),
+            _reduce_rule(_name),
+            (
+                lambda fn: (
+                    lambda ins, a: [
+                        fn(
+                            ins[0].astype(np.float64) if ins[0].dtype.kind == "f" else ins[0],
+                            axis=tuple(a["axes"]),
+                            keepdims=a["keepdims"],
+                        )
+                    ]
+                )
+            )(_fn),
+            per_input_cost(1),
+            {"axes": AttrSpec("ints"), "keepdims": AttrSpec("bool", False)},
+        )
+    )
 
 
 def _argmax_rule(ins, a):
@@ -52,9 +64,17 @@ def _argmax_rule(ins, a):
     return [TensorType(DType.int32, tuple(d for i, d in enumerate(x.shape) if i != ax))]
 
 
-register(OpDef("argmax", "Index of the largest element along `axis` (first on ties).", ("x",), _argmax_rule,
-               lambda ins, a: [np.argmax(ins[0], axis=a["axis"]).astype(np.int32)], _reduce_cost,
-               {"axis": AttrSpec("int", -1)}))
+register(
+    OpDef(
+        "argmax",
+        "Index of the largest element along `axis` (first on ties).",
+        ("x",),
+        _argmax_rule,
+        lambda ins, a: [np.argmax(ins[0], axis=a["axis"]).astype(np.int32)],
+        per_input_cost(1),
+        {"axis": AttrSpec("int", -1)},
+    )
+)
 
 
 def _softmax_rule(name: str):
@@ -62,6 +82,7 @@ def _softmax_rule(name: str):
         require_float(name, ins[0])
         axis_of(a["axis"], ins[0].rank, name)
         return [ins[0]]
+
     return rule
 
 
@@ -79,17 +100,46 @@ def _log_softmax(x, axis):
     return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
 
 
-register(OpDef("softmax", "Softmax along `axis`, computed in float32 or wider.", ("x",), _softmax_rule("softmax"),
-               lambda ins, a: [_softmax(ins[0], a["axis"])], elementwise_cost(5), {"axis": AttrSpec("int", -1)}))
-register(OpDef("log_softmax", "Log-softmax along `axis`.", ("x",), _softmax_rule("log_softmax"),
-               lambda ins, a: [_log_softmax(ins[0], a["axis"])], elementwise_cost(5), {"axis": AttrSpec("int", -1)}))
+register(
+    OpDef(
+        "softmax",
+        "Softmax along `axis`, computed in float32 or wider.",
+        ("x",),
+        _softmax_rule("softmax"),
+        lambda ins, a: [_softmax(ins[0], a["axis"])],
+        elementwise_cost(5),
+        {"axis": AttrSpec("int", -1)},
+    )
+)
+register(
+    OpDef(
+        "log_softmax",
+        "Log-softmax along `axis`.",
+        ("x",),
+        _softmax_rule("log_softmax"),
+        lambda ins, a: [_log_softmax(ins[0], a["axis"])],
+        elementwise_cost(5),
+        {"axis": AttrSpec("int", -1)},
+    )
+)
+
+
 def _cumsum_rule(ins, a):
     axis_of(a["axis"], ins[0].rank, "cumsum")
     return [ins[0]]
 
 
-register(OpDef("cumsum", "Inclusive prefix sum along `axis`.", ("x",), _cumsum_rule,
-               lambda ins, a: [np.cumsum(ins[0], axis=a["axis"])], elementwise_cost(1), {"axis": AttrSpec("int")}))
+register(
+    OpDef(
+        "cumsum",
+        "Inclusive prefix sum along `axis`.",
+        ("x",),
+        _cumsum_rule,
+        lambda ins, a: [np.cumsum(ins[0], axis=a["axis"])],
+        elementwise_cost(1),
+        {"axis": AttrSpec("int")},
+    )
+)
 
 
 def _topk_rule(ins, a):
@@ -116,10 +166,18 @@ def _topk_ref(ins, a):
 
 
 def _topk_cost(ins, outs, a):
-    n = int(np.prod(ins[0].shape, dtype=np.int64))
+    n = numel(ins[0])
     return Cost(n * max(1, int(np.ceil(np.log2(max(a["k"], 2))))), bytes_of(ins) + bytes_of(outs))
 
 
-register(OpDef("topk", "The k largest (or smallest) values along `axis`, sorted, and their int32 indices.", ("x",),
-               _topk_rule, _topk_ref, _topk_cost,
-               {"k": AttrSpec("int"), "axis": AttrSpec("int", -1), "largest": AttrSpec("bool", True)}))
+register(
+    OpDef(
+        "topk",
+        "The k largest (or smallest) values along `axis`, sorted, and their int32 indices.",
+        ("x",),
+        _topk_rule,
+        _topk_ref,
+        _topk_cost,
+        {"k": AttrSpec("int"), "axis": AttrSpec("int", -1), "largest": AttrSpec("bool", True)},
+    )
+)

@@ -27,9 +27,17 @@ def _reshape_rule(ins, a):
     return [x.with_shape(tuple(target))]
 
 
-register(OpDef("reshape", "Same elements, new shape (row-major); one -1 is inferred.", ("x",), _reshape_rule,
-               lambda ins, a: [ins[0].reshape(a["shape"])], lambda i, o, a: Cost(0, 0),
-               {"shape": AttrSpec("dims")}))
+register(
+    OpDef(
+        "reshape",
+        "Same elements, new shape (row-major); one -1 is inferred.",
+        ("x",),
+        _reshape_rule,
+        lambda ins, a: [ins[0].reshape(a["shape"])],
+        lambda i, o, a: Cost(0, 0),
+        {"shape": AttrSpec("dims")},
+    )
+)
 
 
 def _transpose_rule(ins, a):
@@ -40,8 +48,17 @@ def _transpose_rule(ins, a):
     return [x.with_shape(tuple(x.shape[p] for p in perm))]
 
 
-register(OpDef("transpose", "Permute axes: result axis i is operand axis perm[i].", ("x",), _transpose_rule,
-               lambda ins, a: [np.transpose(ins[0], a["perm"])], traffic_cost, {"perm": AttrSpec("ints")}))
+register(
+    OpDef(
+        "transpose",
+        "Permute axes: result axis i is operand axis perm[i].",
+        ("x",),
+        _transpose_rule,
+        lambda ins, a: [np.transpose(ins[0], a["perm"])],
+        traffic_cost,
+        {"perm": AttrSpec("ints")},
+    )
+)
 
 
 def _concat_rule(ins, a):
@@ -63,8 +80,17 @@ def _add_dims(ds):
     return sum(ds)
 
 
-register(OpDef("concat", "Join operands along `axis`.", ("*xs",), _concat_rule,
-               lambda ins, a: [np.concatenate(ins, axis=a["axis"])], traffic_cost, {"axis": AttrSpec("int")}))
+register(
+    OpDef(
+        "concat",
+        "Join operands along `axis`.",
+        ("*xs",),
+        _concat_rule,
+        lambda ins, a: [np.concatenate(ins, axis=a["axis"])],
+        traffic_cost,
+        {"axis": AttrSpec("int")},
+    )
+)
 
 
 def _slice_rule(ins, a):
@@ -93,9 +119,17 @@ def _slice_ref(ins, a):
     return [x[tuple(idx)]]
 
 
-register(OpDef("slice", "Elements start:stop:step along `axis` (static bounds).", ("x",), _slice_rule, _slice_ref,
-               traffic_cost, {"axis": AttrSpec("int"), "start": AttrSpec("int"), "stop": AttrSpec("int"),
-                              "step": AttrSpec("int", 1)}))
+register(
+    OpDef(
+        "slice",
+        "Elements start:stop:step along `axis` (static bounds).",
+        ("x",),
+        _slice_rule,
+        _slice_ref,
+        traffic_cost,
+        {"axis": AttrSpec("int"), "start": AttrSpec("int"), "stop": AttrSpec("int"), "step": AttrSpec("int", 1)},
+    )
+)
 
 
 def _broadcast_rule(ins, a):
@@ -114,8 +148,17 @@ def _broadcast_ref(ins, a):
     return [np.broadcast_to(x.reshape((1,) * (len(a["shape"]) - x.ndim) + x.shape), a["shape"])]
 
 
-register(OpDef("broadcast_to", "Broadcast to `shape` (numpy rules).", ("x",), _broadcast_rule, _broadcast_ref,
-               traffic_cost, {"shape": AttrSpec("dims")}))
+register(
+    OpDef(
+        "broadcast_to",
+        "Broadcast to `shape` (numpy rules).",
+        ("x",),
+        _broadcast_rule,
+        _broadcast_ref,
+        traffic_cost,
+        {"shape": AttrSpec("dims")},
+    )
+)
 
 
 def _gather_rule(ins, a):
@@ -141,15 +184,24 @@ def _gather_ref(ins, a):
     return [np.take_along_axis(x, idx.astype(np.int64), axis=a["axis"])]
 
 
-register(OpDef("gather", "out[..i..] = x[..idx[..i..]..] along `axis` (take_along_axis).", ("x", "indices"),
-               _gather_rule, _gather_ref, traffic_cost, {"axis": AttrSpec("int")}))
+register(
+    OpDef(
+        "gather",
+        "out[..i..] = x[..idx[..i..]..] along `axis` (take_along_axis).",
+        ("x", "indices"),
+        _gather_rule,
+        _gather_ref,
+        traffic_cost,
+        {"axis": AttrSpec("int")},
+    )
+)
 
 
 def _take_rule(ins, a):
     x, idx = ins
     require_int("take", idx)
     ax = axis_of(a["axis"], x.rank, "take")
-    return [x.with_shape(x.shape[:ax] + idx.shape + x.shape[ax + 1:])]
+    return [x.with_shape(x.shape[:ax] + idx.shape + x.shape[ax + 1 :])]
 
 
 def _take_ref(ins, a):
@@ -158,8 +210,17 @@ def _take_ref(ins, a):
     return [np.take(x, idx.astype(np.int64), axis=a["axis"])]
 
 
-register(OpDef("take", "Select slices of x along `axis` by an index tensor of any rank (numpy.take).",
-               ("x", "indices"), _take_rule, _take_ref, traffic_cost, {"axis": AttrSpec("int")}))
+register(
+    OpDef(
+        "take",
+        "Select slices of x along `axis` by an index tensor of any rank (numpy.take).",
+        ("x", "indices"),
+        _take_rule,
+        _take_ref,
+        traffic_cost,
+        {"axis": AttrSpec("int")},
+    )
+)
 
 
 def _one_hot_rule(ins, a):
@@ -170,7 +231,14 @@ def _one_hot_rule(ins, a):
     return [TensorType(a["dtype"], idx.shape + (a["depth"],))]
 
 
-register(OpDef("one_hot", "out[..., j] = (idx[...] == j) as `dtype`.", ("indices",), _one_hot_rule,
-               lambda ins, a: [(ins[0][..., None] == np.arange(a["depth"])).astype(np.float32)],
-               lambda i, o, a: Cost(0, bytes_of(i) + bytes_of(o)),
-               {"depth": AttrSpec("int"), "dtype": AttrSpec("dtype", DType.f32)}))
+register(
+    OpDef(
+        "one_hot",
+        "out[..., j] = (idx[...] == j) as `dtype`.",
+        ("indices",),
+        _one_hot_rule,
+        lambda ins, a: [(ins[0][..., None] == np.arange(a["depth"])).astype(np.float32)],
+        lambda i, o, a: Cost(0, bytes_of(i) + bytes_of(o)),
+        {"depth": AttrSpec("int"), "dtype": AttrSpec("dtype", DType.f32)},
+    )
+)

@@ -17,16 +17,29 @@ def _param_ref(ins, attrs):
     raise OpError("param is read by the interpreter from the weights, not evaluated")
 
 
-register(OpDef(
-    "param", "Read the module parameter named `name`.", (), _param_rule, _param_ref,
-    lambda ins, outs, a: Cost(0, bytes_of(outs)), {"name": AttrSpec("str")}))
+register(
+    OpDef(
+        "param",
+        "Read the module parameter named `name`.",
+        (),
+        _param_rule,
+        _param_ref,
+        lambda ins, outs, a: Cost(0, bytes_of(outs)),
+        {"name": AttrSpec("str")},
+    )
+)
 
-register(OpDef(
-    "constant", "A tensor of `shape` filled with `value`.", (),
-    lambda ins, a: [TensorType(a["dtype"], tuple(a["shape"]))],
-    lambda ins, a: [np.full(_static(a["shape"], "constant"), a["value"], dtype=np.float64)],
-    lambda ins, outs, a: Cost(0, bytes_of(outs)),
-    {"value": AttrSpec("float"), "dtype": AttrSpec("dtype", DType.f32), "shape": AttrSpec("dims", ())}))
+register(
+    OpDef(
+        "constant",
+        "A tensor of `shape` filled with `value`.",
+        (),
+        lambda ins, a: [TensorType(a["dtype"], tuple(a["shape"]))],
+        lambda ins, a: [np.full(_static(a["shape"], "constant"), a["value"], dtype=np.float64)],
+        lambda ins, outs, a: Cost(0, bytes_of(outs)),
+        {"value": AttrSpec("float"), "dtype": AttrSpec("dtype", DType.f32), "shape": AttrSpec("dims", ())},
+    )
+)
 
 
 def _static(shape, op: str) -> tuple[int, ...]:
@@ -48,15 +61,34 @@ def _iota_rule(ins, a):
     return [like.with_dtype(a["dtype"])]
 
 
-register(OpDef(
-    "iota", "Indices along `axis`, with the shape of the operand (only its shape is read).", ("like",),
-    _iota_rule, _iota_ref, lambda ins, outs, a: Cost(0, bytes_of(outs)),
-    {"axis": AttrSpec("int"), "dtype": AttrSpec("dtype", DType.int32)}))
+register(
+    OpDef(
+        "iota",
+        "Indices along `axis`, with the shape of the operand (only its shape is read).",
+        ("like",),
+        _iota_rule,
+        _iota_ref,
+        lambda ins, outs, a: Cost(0, bytes_of(outs)),
+        {"axis": AttrSpec("int"), "dtype": AttrSpec("dtype", DType.int32)},
+    )
+)
 
-register(OpDef(
-    "cast", "Convert to `dtype` (floats round to nearest even; float->int truncates toward zero).", ("x",),
-    lambda ins, a: [ins[0].with_dtype(a["dtype"])],
-    lambda ins, a: [ins[0].astype(np.float32) if a["dtype"].is_float
-                    else ins[0] != 0 if a["dtype"] == DType.bool  # nonzero is true: do not truncate 0.5 to 0 first
-                    else np.trunc(ins[0]) if ins[0].dtype.kind == "f" else ins[0]],
-    traffic_cost, {"dtype": AttrSpec("dtype")}))
+register(
+    OpDef(
+        "cast",
+        "Convert to `dtype` (floats round to nearest even; float->int truncates toward zero).",
+        ("x",),
+        lambda ins, a: [ins[0].with_dtype(a["dtype"])],
+        lambda ins, a: [
+            ins[0].astype(np.float32)
+            if a["dtype"].is_float
+            else ins[0] != 0
+            if a["dtype"] == DType.bool  # nonzero is true: do not truncate 0.5 to 0 first
+            else np.trunc(ins[0])
+            if ins[0].dtype.kind == "f"
+            else ins[0]
+        ],
+        traffic_cost,
+        {"dtype": AttrSpec("dtype")},
+    )
+)

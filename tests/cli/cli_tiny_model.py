@@ -26,14 +26,18 @@ def tiny_lm(layers: int = LAYERS) -> Module:
                 qkv.append(f.transpose(t, perm=[0, 2, 1, 3]))
             a = f.attention(*qkv, scale=(D // H) ** -0.5, causal=True)
             a = f.reshape(f.transpose(a, perm=[0, 2, 1, 3]), shape=DimList(["B", "S", D]))
-            x = f.add(x, f.linear(a, f.param(f"{p}.self_attn.o_proj.weight", build.tensor("f32", [D, D]), "normal(0.3)")))
+            x = f.add(
+                x, f.linear(a, f.param(f"{p}.self_attn.o_proj.weight", build.tensor("f32", [D, D]), "normal(0.3)"))
+            )
         with f.scope(p), f.scope("mlp"):
             h = f.rmsnorm(x, f.param(f"{p}.post_attention_layernorm.weight", build.tensor("f32", [D]), "ones"))
             h2 = f.reshape(h, shape=DimList(["B*S", D]))
             gate = f.param(f"{p}.mlp.gate.weight", build.tensor("f32", [E, D]), "normal(0.3)")
             vals, ids = f.topk(f.softmax(f.linear(h2, gate)), k=K)
-            experts = [f.param(f"{p}.mlp.experts.{n}", build.tensor("f32", s), "normal(0.3)")
-                       for n, s in (("gate_proj", [E, F, D]), ("up_proj", [E, F, D]), ("down_proj", [E, D, F]))]
+            experts = [
+                f.param(f"{p}.mlp.experts.{n}", build.tensor("f32", s), "normal(0.3)")
+                for n, s in (("gate_proj", [E, F, D]), ("up_proj", [E, F, D]), ("down_proj", [E, D, F]))
+            ]
             y = f.moe_experts(h2, ids, vals, *experts)
             x = f.add(x, f.reshape(y, shape=DimList(["B", "S", D])))
     with f.scope("lm_head"):

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from cli_tiny_model import tiny_lm
+
 from r1c.cli import main
 
 
@@ -24,6 +24,7 @@ def cli(capsys):
         code = main(list(argv))
         captured = capsys.readouterr()
         return Result(code, captured.out, captured.err)
+
     return run
 
 

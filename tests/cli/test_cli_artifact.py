@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
-
 from cli_tiny_model import V, tiny_lm
+
 from r1c import backends
 from r1c.artifact import FORMAT_VERSION, ArtifactError, load, write
 from r1c.build import ModuleBuilder, tensor
 from r1c.ir.interpreter import init_weights, run
-from r1c.ir.types import round_to, DType
+from r1c.ir.types import DType, round_to
 
 
 def test_roundtrip_runs_like_the_interpreter(tmp_path):

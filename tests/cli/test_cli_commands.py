@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from cli_tiny_model import V, expected_counts, tiny_lm
 
 import r1c
-from cli_tiny_model import V, expected_counts, tiny_lm
 from r1c.artifact import load
 from r1c.ir.interpreter import init_weights, run
 
@@ -42,8 +42,8 @@ def test_run_prints_top_k_of_last_position(cli, tiny_artifact):
     assert len(printed) == 6
     for b in range(2):
         top = np.argsort(-logits[b, -1])[:3]
-        assert [t for t, _ in printed[3 * b: 3 * b + 3]] == [int(t) for t in top]
-        np.testing.assert_allclose([v for _, v in printed[3 * b: 3 * b + 3]], logits[b, -1, top], atol=1e-4)
+        assert [t for t, _ in printed[3 * b : 3 * b + 3]] == [int(t) for t in top]
+        np.testing.assert_allclose([v for _, v in printed[3 * b : 3 * b + 3]], logits[b, -1, top], atol=1e-4)
 
 
 def test_run_saves_logits(cli, tiny_artifact, tmp_path):
@@ -56,8 +56,17 @@ def test_run_saves_logits(cli, tiny_artifact, tmp_path):
 
 
 def test_opt_prints_final_ir_and_instrumentation(cli, tiny_ir, tmp_path):
-    res = cli("opt", str(tiny_ir), "--passes", "cse,dce", "--print-ir-after", "cse", "--verify-each",
-              "--time-passes", "--check-numerics")
+    res = cli(
+        "opt",
+        str(tiny_ir),
+        "--passes",
+        "cse,dce",
+        "--print-ir-after",
+        "cse",
+        "--verify-each",
+        "--time-passes",
+        "--check-numerics",
+    )
     assert res.code == 0, res.err
     assert res.out.startswith("module @tiny_lm") and "IR after" not in res.out
     assert "// ----- IR after cse -----" in res.err and "IR after dce" not in res.err
@@ -75,6 +84,7 @@ def test_opt_prints_final_ir_and_instrumentation(cli, tiny_ir, tmp_path):
 
 def test_passes_lists_every_registered_pass(cli):
     from r1c.passes import all_passes
+
     res = cli("passes")
     assert res.code == 0
     for name, info in all_passes().items():
@@ -112,6 +122,7 @@ def test_viz_truncates_with_a_message(cli, tiny_ir, tmp_path):
 
 def test_compile_with_weights_file(cli, tiny_ir, tmp_path):
     from safetensors.numpy import save_file
+
     weights = init_weights(tiny_lm(), seed=42)
     save_file(weights, str(tmp_path / "w.safetensors"))
     out = tmp_path / "art"

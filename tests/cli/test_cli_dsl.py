@@ -83,7 +83,9 @@ def test_stats_tables_add_up():
     assert sum(r.params for r in s.by_layer) == s.total_params
     assert abs(sum(r.activated_params for r in s.by_layer) - s.activated_params) <= len(s.by_layer)
     assert sum(r.flops for r in s.by_layer) == sum(r.flops for r in s.by_op) == s.flops
-    assert [r.layer for r in s.by_layer if r.layer.startswith("model.layers.")] == [f"model.layers.{i}" for i in range(61)]
+    assert [r.layer for r in s.by_layer if r.layer.startswith("model.layers.")] == [
+        f"model.layers.{i}" for i in range(61)
+    ]
     # dense layers (first 3) hold no routed experts: all their parameters are active
     dense = next(r for r in s.by_layer if r.layer == "model.layers.0")
     assert dense.params == dense.activated_params

@@ -78,15 +78,23 @@ def test_missing_weights_file(cli, tiny_artifact):
 
 
 def test_unknown_target(cli, tiny_ir, tmp_path):
-    _clean(cli("compile", str(tiny_ir), "--target", "fpga", "-o", str(tmp_path / "o")), 1,
-           "unknown target 'fpga'", "available targets: ref")
+    _clean(
+        cli("compile", str(tiny_ir), "--target", "fpga", "-o", str(tmp_path / "o")),
+        1,
+        "unknown target 'fpga'",
+        "available targets: ref",
+    )
 
 
 @pytest.mark.parametrize("target, planned", [("cuda", "Triton"), ("tpu", "XLA"), ("cpu", "TVM"), ("cpu-arm", "ARM")])
 def test_planned_target_not_implemented(cli, tiny_ir, tmp_path, target, planned):
     out = tmp_path / "o"
-    _clean(cli("compile", str(tiny_ir), "--target", target, "-o", str(out)), 1,
-           f"target '{target}' is not implemented yet", planned)
+    _clean(
+        cli("compile", str(tiny_ir), "--target", target, "-o", str(out)),
+        1,
+        f"target '{target}' is not implemented yet",
+        planned,
+    )
     assert not out.exists()  # no silent fallback to another target
 
 
@@ -95,12 +103,18 @@ def test_bad_pipeline_string(cli, tiny_ir):
 
 
 def test_unknown_pass(cli, tiny_ir):
-    _clean(cli("opt", str(tiny_ir), "--passes", "canonicalise"), 1, "unknown pass 'canonicalise'",
-           "did you mean 'canonicalize'")
+    _clean(
+        cli("opt", str(tiny_ir), "--passes", "canonicalise"),
+        1,
+        "unknown pass 'canonicalise'",
+        "did you mean 'canonicalize'",
+    )
 
 
 def test_unknown_pass_option(cli, tiny_ir, tmp_path):
-    _clean(cli("compile", str(tiny_ir), "-o", str(tmp_path / "o"), "--passes", "cse{fast=1}"), 1, "has no option 'fast'")
+    _clean(
+        cli("compile", str(tiny_ir), "-o", str(tmp_path / "o"), "--passes", "cse{fast=1}"), 1, "has no option 'fast'"
+    )
 
 
 def test_token_out_of_vocab_range(cli, tiny_artifact):
@@ -136,6 +150,7 @@ def test_unexpected_exception_says_report_bug(cli, tiny_ir, monkeypatch):
 
     def boom(*a, **k):
         raise ZeroDivisionError("synthetic")
+
     monkeypatch.setattr(r1c.model_stats, "compute", boom)
     res = cli("stats", str(tiny_ir))
     _clean(res, 3, "internal error: ZeroDivisionError: synthetic", "please report this bug")
@@ -149,11 +164,19 @@ def test_traceback_env_shows_traceback(cli, tiny_artifact, monkeypatch):
 
 def test_weights_file_that_does_not_fit(cli, tiny_ir, tmp_path):
     from safetensors.numpy import save_file
+
     save_file({"w": np.ones((2, 2), np.float32)}, str(tmp_path / "w.safetensors"))
-    _clean(cli("compile", str(tiny_ir), "-o", str(tmp_path / "o"), "--weights", str(tmp_path / "w.safetensors")), 1,
-           "weights do not match module @tiny_lm", "unknown tensor(s): w")
+    _clean(
+        cli("compile", str(tiny_ir), "-o", str(tmp_path / "o"), "--weights", str(tmp_path / "w.safetensors")),
+        1,
+        "weights do not match module @tiny_lm",
+        "unknown tensor(s): w",
+    )
 
 
 def test_weights_and_from_hf_are_exclusive(cli, tiny_ir, tmp_path):
-    _clean(cli("compile", str(tiny_ir), "-o", str(tmp_path / "o"), "--weights", "a", "--from-hf", "b"), 2,
-           "not allowed with argument")
+    _clean(
+        cli("compile", str(tiny_ir), "-o", str(tmp_path / "o"), "--weights", "a", "--from-hf", "b"),
+        2,
+        "not allowed with argument",
+    )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from cli_tiny_model import D, E, F, K, V, expected_counts, tiny_lm
+
 from r1c.build import ModuleBuilder, tensor
 from r1c.model_stats import StatsError, compute, layer_of
 
@@ -27,6 +27,7 @@ def test_flops_scale_with_sequence():
 
 def test_long_sequence_is_fast():
     import time
+
     start = time.perf_counter()
     compute(tiny_lm(), seq=1 << 17)
     assert time.perf_counter() - start < 2.0
@@ -49,7 +50,14 @@ def test_unknown_symbol_is_an_error():
         compute(mb.build())
 
 
-@pytest.mark.parametrize("loc, layer", [("model.layers.12.self_attn.q_proj", "model.layers.12"),
-                                        ("lm_head", "lm_head"), (None, "(no loc)"), ("model.norm", "model.norm")])
+@pytest.mark.parametrize(
+    "loc, layer",
+    [
+        ("model.layers.12.self_attn.q_proj", "model.layers.12"),
+        ("lm_head", "lm_head"),
+        (None, "(no loc)"),
+        ("model.norm", "model.norm"),
+    ],
+)
 def test_layer_of(loc, layer):
     assert layer_of(loc) == layer

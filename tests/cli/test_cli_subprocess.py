@@ -13,8 +13,13 @@ R1C = shutil.which("r1c") or pytest.skip("the r1c console script is not installe
 
 
 def _run(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([R1C, *argv], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "R1C_TRACEBACK": "", **(env or {})})
+    return subprocess.run(
+        [R1C, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "R1C_TRACEBACK": "", **(env or {})},
+    )
 
 
 def test_script_compiles_and_runs(tiny_ir, tmp_path):

@@ -38,9 +38,14 @@ def test_params_with_every_initializer_and_indexed_paths(constructs):
     inits = {name: p.init for name, p in constructs.params.items()}
     assert inits == {
         "table": "normal(0.02)",
-        "blocks.0.up.weight": "normal(0.02)", "blocks.2.up.weight": "normal(0.02)", "blocks.4.up.weight": "normal(0.02)",
-        "misc.inits.a": "zeros", "misc.inits.b": "ones", "misc.inits.c": "normal(0.04)",
-        "misc.inits.d": "uniform(-0.1, 0.1)", "misc.inits.e": "constant(3.0)",
+        "blocks.0.up.weight": "normal(0.02)",
+        "blocks.2.up.weight": "normal(0.02)",
+        "blocks.4.up.weight": "normal(0.02)",
+        "misc.inits.a": "zeros",
+        "misc.inits.b": "ones",
+        "misc.inits.c": "normal(0.04)",
+        "misc.inits.d": "uniform(-0.1, 0.1)",
+        "misc.inits.e": "constant(3.0)",
     }
     assert constructs.params["blocks.2.up.weight"].type.shape == (8, 8)
 
@@ -69,8 +74,22 @@ def test_multi_return_aliases_and_numbers_next_to_tensors(constructs):
     assert "reshape(%10) {shape=[B,S,2,4]}" in text
     assert "constant() {dtype=f32, shape=[], value=-inf} : f32[]" in text
     ops = op_names(constructs)
-    for name in ("slice", "reduce_sum", "reduce_max", "reduce_min", "neg", "gt", "ge", "eq", "logical_not",
-                 "logical_and", "maximum", "pow", "where", "cast"):
+    for name in (
+        "slice",
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "neg",
+        "gt",
+        "ge",
+        "eq",
+        "logical_not",
+        "logical_and",
+        "maximum",
+        "pow",
+        "where",
+        "cast",
+    ):
         assert name in ops, name
     results = constructs.main.results
     assert [str(r.type) for r in results[:2]] == ["f32[B,S]", "f32[B,2,S,4]"]
@@ -88,14 +107,13 @@ def test_constructs_round_trip_and_run(constructs):
 
 
 def test_imports_from_the_model_directory(tmp_path):
-    (tmp_path / "blocks.r1").write_text(
-        "import more\n"
-        "block double(x) {\n  return twice(x) * 1\n}\n")
+    (tmp_path / "blocks.r1").write_text("import more\nblock double(x) {\n  return twice(x) * 1\n}\n")
     (tmp_path / "more.r1").write_text("block twice(x) { return x + x }\n")
     (tmp_path / "m.r1").write_text(
         "import blocks\nimport more   # loaded once even when imported twice\n"
         "config { n = 4 }\n"
-        "func forward(x: f32[N, n]) {\n  return double(x)\n}\n")
+        "func forward(x: f32[N, n]) {\n  return double(x)\n}\n"
+    )
     m = load(tmp_path / "m.r1")
     assert m.name == "m" and op_names(m) == ["add", "constant", "mul"]
     assert [str(a.type) for a in m.main.args] == ["f32[N,4]"]
@@ -103,8 +121,9 @@ def test_imports_from_the_model_directory(tmp_path):
 
 def test_compile_source_search_path_and_module_name(tmp_path):
     (tmp_path / "lib.r1").write_text("block sq(x) { return x * x }\n")
-    m = compile_source("import lib\nfunc forward(x: f32[3]) { return sq(x) }", filename="9 odd-name.r1",
-                       search_path=[tmp_path])
+    m = compile_source(
+        "import lib\nfunc forward(x: f32[3]) { return sq(x) }", filename="9 odd-name.r1", search_path=[tmp_path]
+    )
     assert m.name == "_9_odd_name" and op_names(m) == ["mul"]
 
 
@@ -128,8 +147,10 @@ func forward(x: f32[B, S, 4]) {
 
 
 def test_symbols_products_in_func_args_and_one_line_bodies():
-    m = compile_source("func forward(x: f32[B*S, 2], y: i32[B, S]) { return reshape(x, shape=[B, S, 2]), y }\n"
-                       "func other(x: f32[2, 3]) { return transpose(x, perm=[1, 0]) }")
+    m = compile_source(
+        "func forward(x: f32[B*S, 2], y: i32[B, S]) { return reshape(x, shape=[B, S, 2]), y }\n"
+        "func other(x: f32[2, 3]) { return transpose(x, perm=[1, 0]) }"
+    )
     assert [str(a.type) for a in m.main.args] == ["f32[B*S,2]", "int32[B,S]"]
     assert str(m.main.results[0].type) == "f32[B,S,2]"
     assert list(m.functions) == ["forward", "other"]
@@ -166,10 +187,12 @@ def test_overrides_are_checked():
 
 
 def test_layout_comments_crlf_and_short_circuit():
-    src = ("# leading comment\r\n\r\nconfig {\r\n  # inside config\r\n  on = false\r\n}\r\n"
-           "func forward(x: f32[2,\r\n                   3]) {   # args may span lines\r\n"
-           "  if on and undefined_name > 0 {\r\n    x = x * 2\r\n  }\r\n  # between } and else\r\n"
-           "  else {\r\n    x = x + 1\r\n  }\r\n  return x}")
+    src = (
+        "# leading comment\r\n\r\nconfig {\r\n  # inside config\r\n  on = false\r\n}\r\n"
+        "func forward(x: f32[2,\r\n                   3]) {   # args may span lines\r\n"
+        "  if on and undefined_name > 0 {\r\n    x = x * 2\r\n  }\r\n  # between } and else\r\n"
+        "  else {\r\n    x = x + 1\r\n  }\r\n  return x}"
+    )
     m = compile_source(src)
     assert op_names(m) == ["constant", "add"]
 

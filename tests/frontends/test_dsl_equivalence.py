@@ -29,7 +29,9 @@ def python_transformer() -> Module:
             return f.rmsnorm(x, w("weight", [D], "ones"), eps=c["eps"])
 
     def heads(x, weight):
-        return f.transpose(f.reshape(f.linear(x, weight), shape=["B", "S", c["heads"], c["head_dim"]]), perm=[0, 2, 1, 3])
+        return f.transpose(
+            f.reshape(f.linear(x, weight), shape=["B", "S", c["heads"], c["head_dim"]]), perm=[0, 2, 1, 3]
+        )
 
     def attn(x):
         with f.scope("attn"):

@@ -21,19 +21,46 @@ from safetensors.torch import save_file  # noqa: E402
 from r1c.frontends.hf import HFWeightError, load_hf  # noqa: E402
 from r1c.ir import run, verify  # noqa: E402
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
-            num_experts_per_tok=2, n_group=4, topk_group=2, kv_lora_rank=16, q_lora_rank=12, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=12, first_k_dense_replace=1, max_position_embeddings=64,
-            rms_norm_eps=1e-5)
-YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32,
-            beta_slow=1, mscale=0.707, mscale_all_dim=1.0)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    kv_lora_rank=16,
+    q_lora_rank=12,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=12,
+    first_k_dense_replace=1,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
+YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=16,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=0.707,
+    mscale_all_dim=1.0,
+)
 
 
 def hf_model(kind: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    cfg_cls, model_cls = {"v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
-                          "v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)}[kind]
+    cfg_cls, model_cls = {
+        "v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+        "v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+    }[kind]
     model = model_cls(cfg_cls(**{**TINY, **overrides}, attn_implementation="eager")).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -61,16 +88,35 @@ def random_tokens(vocab: int, seed: int = 1) -> np.ndarray:
 CASES = {
     "v3-qlora-groups4of2-dense1": ("v3", {}),
     "v3-no-qlora-yarn": ("v3", dict(q_lora_rank=None, rope_parameters=YARN)),
-    "v3-groups1-dense0-unnormalized": ("v3", dict(n_group=1, topk_group=1, first_k_dense_replace=0,
-                                                  norm_topk_prob=False, routed_scaling_factor=1.7)),
-    "v3-groups8of3-dense2-yarn": ("v3", dict(n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=3,
-                                             first_k_dense_replace=2, rope_parameters=YARN)),
+    "v3-groups1-dense0-unnormalized": (
+        "v3",
+        dict(n_group=1, topk_group=1, first_k_dense_replace=0, norm_topk_prob=False, routed_scaling_factor=1.7),
+    ),
+    "v3-groups8of3-dense2-yarn": (
+        "v3",
+        dict(
+            n_routed_experts=16,
+            n_group=8,
+            topk_group=3,
+            num_experts_per_tok=3,
+            first_k_dense_replace=2,
+            rope_parameters=YARN,
+        ),
+    ),
     "v3-rope-not-interleaved": ("v3", dict(rope_interleave=False)),
     "v3-tied-embeddings": ("v3", dict(tie_word_embeddings=True)),
     "v2-greedy-no-qlora": ("v2", dict(q_lora_rank=None, topk_method="greedy", first_k_dense_replace=0)),
-    "v2-group-limited-qlora-yarn": ("v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                                               first_k_dense_replace=2, routed_scaling_factor=1.5,
-                                               rope_parameters={**YARN, "mscale_all_dim": 0.707})),
+    "v2-group-limited-qlora-yarn": (
+        "v2",
+        dict(
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=2,
+            routed_scaling_factor=1.5,
+            rope_parameters={**YARN, "mscale_all_dim": 0.707},
+        ),
+    ),
 }
 
 
@@ -145,8 +191,11 @@ def test_checkpoint_mismatch_is_named(tmp_path: Path) -> None:
     del state["model.layers.1.self_attn.kv_b_proj.weight"]
     state["model.layers.1.extra.weight"] = torch.ones(3)
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(HFWeightError, match=r"missing 1 parameter\(s\): model\.layers\.1\.self_attn\.kv_b_proj\.weight"
-                                            r".*unexpected tensor\(s\): model\.layers\.1\.extra\.weight"):
+    with pytest.raises(
+        HFWeightError,
+        match=r"missing 1 parameter\(s\): model\.layers\.1\.self_attn\.kv_b_proj\.weight"
+        r".*unexpected tensor\(s\): model\.layers\.1\.extra\.weight",
+    ):
         load_hf(tmp_path)
     state = _per_expert_state(model)
     state["lm_head.weight"] = state["lm_head.weight"][:, :-1].contiguous()

@@ -19,8 +19,13 @@ save_file = pytest.importorskip("safetensors.torch").save_file
 def test_reads_narrow_floats_exactly(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.randn(5, 6) * 3
-    tensors = {"f32": x, "bf16": x.bfloat16(), "f16": x.half(), "fp8": x.to(torch.float8_e4m3fn),
-               "i64": torch.arange(7)}
+    tensors = {
+        "f32": x,
+        "bf16": x.bfloat16(),
+        "f16": x.half(),
+        "fp8": x.to(torch.float8_e4m3fn),
+        "i64": torch.arange(7),
+    }
     save_file(tensors, str(tmp_path / "t.safetensors"))
     got = read_safetensors(tmp_path / "t.safetensors")
     for name in ("f32", "bf16", "f16", "fp8"):
@@ -31,6 +36,7 @@ def test_reads_narrow_floats_exactly(tmp_path: Path) -> None:
 
 def test_every_fp8_code_decodes_like_torch() -> None:
     from r1c.frontends.hf.safetensors_io import _FP8_E4M3
+
     want = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
     np.testing.assert_array_equal(_FP8_E4M3, want)
 
@@ -56,16 +62,31 @@ def test_expert_layouts_and_mtp_layers() -> None:
     rng = np.random.default_rng(1)
     fused = rng.standard_normal((3, 8, 5)).astype(np.float32)  # E=3, 2F=8, D=5
     down = rng.standard_normal((3, 5, 4)).astype(np.float32)
-    out = to_r1c_names({"model.layers.0.mlp.experts.gate_up_proj": fused, "model.layers.0.mlp.experts.down_proj": down,
-                        "model.layers.2.self_attn.kv_b_proj.weight": down[0], "lm_head.weight": down[1]},
-                       num_layers=2, num_mtp_layers=1, tie_embeddings=True)
-    assert sorted(out) == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_proj",
-                           "model.layers.0.mlp.experts.up_proj"]
+    out = to_r1c_names(
+        {
+            "model.layers.0.mlp.experts.gate_up_proj": fused,
+            "model.layers.0.mlp.experts.down_proj": down,
+            "model.layers.2.self_attn.kv_b_proj.weight": down[0],
+            "lm_head.weight": down[1],
+        },
+        num_layers=2,
+        num_mtp_layers=1,
+        tie_embeddings=True,
+    )
+    assert sorted(out) == [
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.mlp.experts.gate_proj",
+        "model.layers.0.mlp.experts.up_proj",
+    ]
     np.testing.assert_array_equal(out["model.layers.0.mlp.experts.gate_proj"], fused[:, :4])
     np.testing.assert_array_equal(out["model.layers.0.mlp.experts.up_proj"], fused[:, 4:])
-    per_expert = {f"model.layers.0.mlp.experts.{j}.{p}.weight": (fused[j, :4] if p == "gate_proj" else
-                                                                 fused[j, 4:] if p == "up_proj" else down[j])
-                  for j in range(3) for p in ("gate_proj", "up_proj", "down_proj")}
+    per_expert = {
+        f"model.layers.0.mlp.experts.{j}.{p}.weight": (
+            fused[j, :4] if p == "gate_proj" else fused[j, 4:] if p == "up_proj" else down[j]
+        )
+        for j in range(3)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
     stacked = to_r1c_names(per_expert, num_layers=2, num_mtp_layers=0, tie_embeddings=False)
     for name, x in out.items():
         np.testing.assert_array_equal(stacked[name], x)

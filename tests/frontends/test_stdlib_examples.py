@@ -69,8 +69,7 @@ def test_deepseek_v2_lite_parameter_count() -> None:
 
 
 def test_no_routed_experts_means_all_dense() -> None:
-    module = load(EXAMPLES / "r1-tiny.r1", overrides={"n_routed_experts": 0, "q_lora_rank": 0,
-                                                      "rope_scaling": "none"})
+    module = load(EXAMPLES / "r1-tiny.r1", overrides={"n_routed_experts": 0, "q_lora_rank": 0, "rope_scaling": "none"})
     assert not any(".experts." in p or ".gate." in p for p in module.params)
     assert "model.layers.2.mlp.down_proj.weight" in module.params
     assert "model.layers.2.self_attn.q_proj.weight" in module.params
@@ -79,10 +78,12 @@ def test_no_routed_experts_means_all_dense() -> None:
     assert np.isfinite(logits).all() and logits.std() > 0
 
 
-@pytest.mark.parametrize("key, value, message", [("scoring", "relu", "scoring must be"),
-                                                 ("group_score", "mean", "group_score must be")])
+@pytest.mark.parametrize(
+    "key, value, message", [("scoring", "relu", "scoring must be"), ("group_score", "mean", "group_score must be")]
+)
 def test_unsupported_routing_choice_is_a_located_error(key: str, value: str, message: str) -> None:
     from r1c.frontends.dsl import DSLError
+
     with pytest.raises(DSLError, match=message) as err:
         load(EXAMPLES / "r1-tiny.r1", overrides={key: value})
     assert err.value.filename.endswith("deepseek.r1")

@@ -1,11 +1,11 @@
 """Golden-file format for pass tests (MLIR-style: IR in, exact IR out).
 
-    // RUN: canonicalize,cse            the pipeline
-    // ENV: B=2,S=4                     optional: symbolic dim sizes for the numerics check
-    // INPUT-INVALID                    optional: the input must fail the verifier (stale types); no numerics
-    module @m { ... }                   the input IR
-    // CHECK:
-    module @m { ... }                   the exact expected output of print_module
+// RUN: canonicalize,cse            the pipeline
+// ENV: B=2,S=4                     optional: symbolic dim sizes for the numerics check
+// INPUT-INVALID                    optional: the input must fail the verifier (stale types); no numerics
+module @m { ... }                   the input IR
+// CHECK:
+module @m { ... }                   the exact expected output of print_module
 """
 
 from __future__ import annotations
@@ -36,11 +36,15 @@ def load(path: Path) -> Golden:
     checks = [i for i, line in enumerate(lines) if line.strip() == "// CHECK:"]
     if len(checks) != 1:
         raise GoldenFormatError(f"{path}: needs exactly one '// CHECK:' line, found {len(checks)}")
-    g = Golden(path, lines[0][len("// RUN:"):].strip(), "\n".join(lines[:checks[0]]) + "\n",
-               "\n".join(lines[checks[0] + 1:]).strip() + "\n")
-    for i, line in enumerate(lines[1:checks[0]], start=2):
+    g = Golden(
+        path,
+        lines[0][len("// RUN:") :].strip(),
+        "\n".join(lines[: checks[0]]) + "\n",
+        "\n".join(lines[checks[0] + 1 :]).strip() + "\n",
+    )
+    for i, line in enumerate(lines[1 : checks[0]], start=2):
         if line.startswith("// ENV:"):
-            g.env = {k.strip(): int(v) for k, v in (p.split("=") for p in line[len("// ENV:"):].split(","))}
+            g.env = {k.strip(): int(v) for k, v in (p.split("=") for p in line[len("// ENV:") :].split(","))}
         elif line.strip() == "// INPUT-INVALID":
             g.input_invalid = True
         elif line.startswith("//") and line[2:].lstrip().split(":")[0].isupper():

@@ -17,9 +17,15 @@ from r1c.ir import registry, run
 from r1c.ir.core import Module
 from r1c.ir.types import DType, TensorType
 
-_NP_TO_DTYPE = {np.dtype("float32"): DType.f32, np.dtype("float64"): DType.f32, np.dtype("float16"): DType.f16,
-                np.dtype("int32"): DType.int32, np.dtype("int64"): DType.int32, np.dtype("int8"): DType.int8,
-                np.dtype("bool"): DType.bool}
+_NP_TO_DTYPE = {
+    np.dtype("float32"): DType.f32,
+    np.dtype("float64"): DType.f32,
+    np.dtype("float16"): DType.f16,
+    np.dtype("int32"): DType.int32,
+    np.dtype("int64"): DType.int32,
+    np.dtype("int8"): DType.int8,
+    np.dtype("bool"): DType.bool,
+}
 
 
 def dtype_of(x: np.ndarray) -> DType:
@@ -45,8 +51,14 @@ def check_cost(m: Module, env: dict[str, int]) -> None:
         assert c.flops >= 0 and c.bytes >= 0, f"{op.name}: negative cost {c}"
 
 
-def run_op_impl(name: str, inputs: list[np.ndarray], *, types: list[TensorType] | None = None,
-                env: dict[str, int] | None = None, **attrs: Any) -> list[np.ndarray]:
+def run_op_impl(
+    name: str,
+    inputs: list[np.ndarray],
+    *,
+    types: list[TensorType] | None = None,
+    env: dict[str, int] | None = None,
+    **attrs: Any,
+) -> list[np.ndarray]:
     """Evaluate op `name` on `inputs` via builder + interpreter.
 
     `types` overrides the argument types (e.g. symbolic dims or narrow dtypes); by default each input's
@@ -59,6 +71,7 @@ def run_op_impl(name: str, inputs: list[np.ndarray], *, types: list[TensorType] 
     m = build_op(name, types, **attrs)
     outs = run(m, inputs, {})
     from r1c.ir.interpreter import bind_dims
+
     bound = bind_dims(m.main, inputs)
     if env is not None:
         assert bound == env
@@ -78,6 +91,7 @@ def run_op() -> Callable[..., list[np.ndarray]]:
 def assert_close() -> Callable[..., None]:
     def check(got: np.ndarray, want: Any, rtol: float = 1e-5, atol: float = 1e-6) -> None:
         import torch
+
         if isinstance(want, torch.Tensor):
             want = want.detach().cpu().numpy()
         want = np.asarray(want)
@@ -85,6 +99,8 @@ def assert_close() -> Callable[..., None]:
         assert got.shape == want.shape, (got.shape, want.shape)
         # atol scales with the data so tiny absolute errors on large values do not need a per-test tolerance.
         scale = float(np.max(np.abs(want))) if want.size and want.dtype.kind == "f" else 1.0
-        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=rtol,
-                                   atol=atol * max(scale, 1.0))
+        np.testing.assert_allclose(
+            got.astype(np.float64), want.astype(np.float64), rtol=rtol, atol=atol * max(scale, 1.0)
+        )
+
     return check

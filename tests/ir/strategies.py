@@ -21,12 +21,16 @@ from r1c.ir import DType, Module, Value, dims, verify
 # Sizes every symbol takes in numerics checks on drawn modules.
 ENV = {"B": 2, "S": 3}
 
-ODD_TEXT = st.lists(st.sampled_from(list('ab.Z_ 0"\\\n\té%@{}()[]/,=') + ["//", "\x01"]), min_size=1,
-                    max_size=8).map("".join)
+ODD_TEXT = st.lists(st.sampled_from(list('ab.Z_ 0"\\\n\té%@{}()[]/,=') + ["//", "\x01"]), min_size=1, max_size=8).map(
+    "".join
+)
 PARAM_NAMES = st.one_of(st.sampled_from(["w", "layers.0.mlp.gate_proj.weight", "lm_head"]), ODD_TEXT)
 # Identity elements come up often on purpose: they are what canonicalize looks for.
-SPLATS = st.one_of(st.sampled_from([0.0, 1.0, -0.0, 2.0, -1.5, float("inf"), -3e-7]),
-                   st.sampled_from([0.0, 1.0]), st.floats(-4, 4, allow_nan=False, width=32))
+SPLATS = st.one_of(
+    st.sampled_from([0.0, 1.0, -0.0, 2.0, -1.5, float("inf"), -3e-7]),
+    st.sampled_from([0.0, 1.0]),
+    st.floats(-4, 4, allow_nan=False, width=32),
+)
 UNARY = ["neg", "tanh", "sigmoid", "silu", "abs", "relu", "square", "exp"]
 BINARY = ["add", "sub", "mul", "maximum", "minimum"]
 
@@ -64,8 +68,11 @@ class _Graph:
         elif kind == "binary_const":
             static = x.type.is_static
             # The last choice broadcasts x to a bigger shape: `x + 0` is then not a no-op.
-            shape = d(st.sampled_from([[], [1], list(x.type.shape[-1:]) if static else [1],
-                                       [2] + list(x.type.shape) if static else []]))
+            shape = d(
+                st.sampled_from(
+                    [[], [1], list(x.type.shape[-1:]) if static else [1], [2] + list(x.type.shape) if static else []]
+                )
+            )
             c = self.splat(shape)
             a, b = (c, x) if d(st.booleans()) else (x, c)
             self.emit(d(st.sampled_from(["add", "sub", "mul", "div", "maximum"])), a, b)
@@ -76,18 +83,25 @@ class _Graph:
             x = d(st.sampled_from(candidates))
             k, n = x.type.shape[-1], d(st.integers(1, 4))
             shape = [k, n] if kind == "matmul" else [n, k]
-            w = self.fb.param(d(PARAM_NAMES) + f".{len(self.fb.parent.module.params)}", build.tensor("f32", shape),
-                              init=d(st.sampled_from(["normal(0.5)", "uniform(-1,1)", "ones"])))
+            w = self.fb.param(
+                d(PARAM_NAMES) + f".{len(self.fb.parent.module.params)}",
+                build.tensor("f32", shape),
+                init=d(st.sampled_from(["normal(0.5)", "uniform(-1,1)", "ones"])),
+            )
             self.emit(kind, x, w)
         elif kind == "reshape":
             shape = list(x.type.shape)
-            target = d(st.sampled_from([
-                shape,
-                [dims.mul(*shape)] if shape else [1],
-                [1] + shape,
-                shape[:-2] + [dims.mul(*shape[-2:])] if len(shape) >= 2 else shape,
-                shape[:-1] + [-1] if shape else [],
-            ]))
+            target = d(
+                st.sampled_from(
+                    [
+                        shape,
+                        [dims.mul(*shape)] if shape else [1],
+                        [1] + shape,
+                        shape[:-2] + [dims.mul(*shape[-2:])] if len(shape) >= 2 else shape,
+                        shape[:-1] + [-1] if shape else [],
+                    ]
+                )
+            )
             self.emit("reshape", x, shape=target)
         elif kind == "transpose":
             perm = d(st.permutations(range(x.type.rank)))
@@ -96,8 +110,9 @@ class _Graph:
             self.emit("transpose", x, perm=list(perm))
         elif kind == "reduce" and x.type.rank:
             axes = d(st.lists(st.integers(-x.type.rank, x.type.rank - 1), min_size=1, max_size=2, unique=True))
-            self.emit(d(st.sampled_from(["reduce_sum", "reduce_mean", "reduce_max"])), x, axes=axes,
-                      keepdims=d(st.booleans()))
+            self.emit(
+                d(st.sampled_from(["reduce_sum", "reduce_mean", "reduce_max"])), x, axes=axes, keepdims=d(st.booleans())
+            )
         elif kind == "softmax" and x.type.rank:
             self.emit("softmax", x, axis=d(st.integers(-x.type.rank, x.type.rank - 1)))
         elif kind == "concat" and x.type.rank:
@@ -126,11 +141,28 @@ class _Graph:
 
 
 # Op kinds a graph step draws from; repeats make a kind likelier.
-KINDS = ["unary", "binary", "binary_const", "binary_const", "matmul", "linear", "reshape", "reshape", "transpose",
-         "transpose", "reduce", "softmax", "concat", "slice", "slice", "cast", "broadcast", "duplicate"]
+KINDS = [
+    "unary",
+    "binary",
+    "binary_const",
+    "binary_const",
+    "matmul",
+    "linear",
+    "reshape",
+    "reshape",
+    "transpose",
+    "transpose",
+    "reduce",
+    "softmax",
+    "concat",
+    "slice",
+    "slice",
+    "cast",
+    "broadcast",
+    "duplicate",
+]
 # The kinds canonicalize/constant-fold have patterns for: dense graphs of them find pattern bugs quickly.
-REWRITE_KINDS = ["unary", "binary_const", "reshape", "transpose", "slice", "cast", "broadcast", "concat",
-                 "duplicate"]
+REWRITE_KINDS = ["unary", "binary_const", "reshape", "transpose", "slice", "cast", "broadcast", "concat", "duplicate"]
 
 
 @st.composite
@@ -141,11 +173,16 @@ def modules(draw: Callable, max_ops: int = 12, kinds: list[str] = KINDS) -> Modu
     n_args = draw(st.integers(1, 3))
     args = {f"a{i}": build.tensor("f32", draw(st.lists(dim, min_size=1, max_size=3))) for i in range(n_args)}
     used = sorted({s for t in args.values() for d in t.shape for s in dims.symbols(d)})
-    mb = build.ModuleBuilder(draw(st.sampled_from(["m", "r1_tiny", "weird.name"])),
-                             attrs=draw(st.dictionaries(st.sampled_from(["eps", "n", "mode", "flag"]),
-                                                        st.one_of(st.integers(-5, 5), st.booleans(),
-                                                                  st.floats(-1e3, 1e3, allow_nan=False), ODD_TEXT),
-                                                        max_size=2)))
+    mb = build.ModuleBuilder(
+        draw(st.sampled_from(["m", "r1_tiny", "weird.name"])),
+        attrs=draw(
+            st.dictionaries(
+                st.sampled_from(["eps", "n", "mode", "flag"]),
+                st.one_of(st.integers(-5, 5), st.booleans(), st.floats(-1e3, 1e3, allow_nan=False), ODD_TEXT),
+                max_size=2,
+            )
+        ),
+    )
     fb = mb.function("forward", **args)
     g = _Graph(draw, fb, used, kinds)
     for _ in range(draw(st.integers(1, max_ops))):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from r1c.ir import registry
 from r1c.ir.ops.attention import attention_mask, visible_pairs
@@ -38,7 +39,8 @@ def expected_mask(sq: int, skv: int, causal: bool, window: int, sinks: int) -> n
 
 
 masks = st.tuples(st.integers(1, 7), st.integers(1, 9), st.booleans(), st.integers(0, 5), st.integers(0, 3)).map(
-    lambda t: (t[0], t[1], t[2], t[3] if t[2] else 0, t[4] if t[2] and t[3] else 0))
+    lambda t: (t[0], t[1], t[2], t[3] if t[2] else 0, t[4] if t[2] and t[3] else 0)
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,9 +53,15 @@ def test_mask_and_visible_pairs(m):
 
 
 @settings(max_examples=40, deadline=None)
-@given(b=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 4]), m=masks,
-       dims=st.tuples(st.integers(1, 8), st.integers(1, 8)), scale=st.floats(0.05, 1.0),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    b=st.integers(1, 2),
+    hkv=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4]),
+    m=masks,
+    dims=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+    scale=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_attention_matches_sdpa(run_op, assert_close, b, hkv, group, m, dims, scale, seed):
     sq, skv, causal, window, sinks = m
     dk, dv = dims
@@ -73,8 +81,9 @@ def test_attention_matches_sdpa(run_op, assert_close, b, hkv, group, m, dims, sc
     assert_close(got[:, :, rows], want[:, :, rows])
     assert np.all(got[:, :, ~rows] == 0)
     if group > 1 and dk == dv:
-        gqa = F.scaled_dot_product_attention(_t(q).double(), _t(k).double(), _t(v).double(), attn_mask=_t(mask),
-                                             scale=scale, enable_gqa=True)
+        gqa = F.scaled_dot_product_attention(
+            _t(q).double(), _t(k).double(), _t(v).double(), attn_mask=_t(mask), scale=scale, enable_gqa=True
+        )
         assert_close(got[:, :, rows], gqa[:, :, rows])
 
 
@@ -83,8 +92,11 @@ def test_attention_symbolic_lengths(run_op, assert_close):
     q = rng.standard_normal((2, 4, 3, 8)).astype(np.float32)
     k = rng.standard_normal((2, 2, 5, 8)).astype(np.float32)
     v = rng.standard_normal((2, 2, 5, 8)).astype(np.float32)
-    types = [TensorType(DType.f32, ("B", 4, "S", 8)), TensorType(DType.f32, ("B", 2, "T", 8)),
-             TensorType(DType.f32, ("B", 2, "T", 8))]
+    types = [
+        TensorType(DType.f32, ("B", 4, "S", 8)),
+        TensorType(DType.f32, ("B", 2, "T", 8)),
+        TensorType(DType.f32, ("B", 2, "T", 8)),
+    ]
     (got,) = run_op("attention", [q, k, v], types=types, env={"B": 2, "S": 3, "T": 5}, scale=0.3)
     mask = _t(expected_mask(3, 5, True, 0, 0))
     want = F.scaled_dot_product_attention(_t(q), _t(k), _t(v), attn_mask=mask, scale=0.3, enable_gqa=True)
@@ -94,18 +106,21 @@ def test_attention_symbolic_lengths(run_op, assert_close):
 A = {"scale": 0.125, "causal": True, "window": 0, "sinks": 0}
 
 
-@pytest.mark.parametrize("types,attrs,msg", [
-    ([f32(1, 4, 3, 8), f32(1, 3, 3, 8), f32(1, 3, 3, 8)], A, "multiple"),
-    ([f32(1, 4, 3, 8), f32(1, 0, 3, 8), f32(1, 0, 3, 8)], A, "multiple"),
-    ([f32(1, 4, 3, 8), f32(1, 2, 3, 4), f32(1, 2, 3, 8)], A, "head dim"),
-    ([f32(1, 4, 3, 8), f32(1, 2, 3, 8), f32(1, 2, 5, 8)], A, "length"),
-    ([f32(1, 4, 3, 8), f32(2, 2, 3, 8), f32(2, 2, 3, 8)], A, "batch"),
-    ([f32(1, 4, 3, 8), f32(1, 2, 3, 8), f32(1, 1, 3, 8)], A, "heads"),
-    ([f32(4, 3, 8), f32(1, 2, 3, 8), f32(1, 2, 3, 8)], A, "rank 4"),
-    ([f32(1, 4, 3, 8), TensorType(DType.bf16, (1, 2, 3, 8)), f32(1, 2, 3, 8)], A, "dtypes differ"),
-    ([f32(1, 4, 3, 8), f32(1, 2, 3, 8), f32(1, 2, 3, 8)], {**A, "window": -1}, ">= 0"),
-    ([f32(1, 4, 3, 8), f32(1, 2, 3, 8), f32(1, 2, 3, 8)], {**A, "causal": False, "window": 4}, "causal"),
-])
+@pytest.mark.parametrize(
+    "types,attrs,msg",
+    [
+        ([f32(1, 4, 3, 8), f32(1, 3, 3, 8), f32(1, 3, 3, 8)], A, "multiple"),
+        ([f32(1, 4, 3, 8), f32(1, 0, 3, 8), f32(1, 0, 3, 8)], A, "multiple"),
+        ([f32(1, 4, 3, 8), f32(1, 2, 3, 4), f32(1, 2, 3, 8)], A, "head dim"),
+        ([f32(1, 4, 3, 8), f32(1, 2, 3, 8), f32(1, 2, 5, 8)], A, "length"),
+        ([f32(1, 4, 3, 8), f32(2, 2, 3, 8), f32(2, 2, 3, 8)], A, "batch"),
+        ([f32(1, 4, 3, 8), f32(1, 2, 3, 8), f32(1, 1, 3, 8)], A, "heads"),
+        ([f32(4, 3, 8), f32(1, 2, 3, 8), f32(1, 2, 3, 8)], A, "rank 4"),
+        ([f32(1, 4, 3, 8), TensorType(DType.bf16, (1, 2, 3, 8)), f32(1, 2, 3, 8)], A, "dtypes differ"),
+        ([f32(1, 4, 3, 8), f32(1, 2, 3, 8), f32(1, 2, 3, 8)], {**A, "window": -1}, ">= 0"),
+        ([f32(1, 4, 3, 8), f32(1, 2, 3, 8), f32(1, 2, 3, 8)], {**A, "causal": False, "window": 4}, "causal"),
+    ],
+)
 def test_invalid(types, attrs, msg):
     with pytest.raises(OpError, match=msg) as e:
         registry.get("attention").infer(types, attrs)
@@ -124,8 +139,14 @@ def _cost(b, h, hkv, sq, skv, dk, dv, **attrs):
 
 
 @settings(max_examples=30, deadline=None)
-@given(b=st.integers(1, 4), hkv=st.integers(1, 4), group=st.integers(1, 4), s=st.integers(1, 4096),
-       dk=st.sampled_from([64, 192]), dv=st.sampled_from([64, 128]))
+@given(
+    b=st.integers(1, 4),
+    hkv=st.integers(1, 4),
+    group=st.integers(1, 4),
+    s=st.integers(1, 4096),
+    dk=st.sampled_from([64, 192]),
+    dv=st.sampled_from([64, 128]),
+)
 def test_attention_cost(b, hkv, group, s, dk, dv):
     h = hkv * group
     full = _cost(b, h, hkv, s, s, dk, dv, causal=False)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from r1c import build
 from r1c.ir import run
@@ -17,8 +18,9 @@ def _edge_f32() -> np.ndarray:
     """Values where rounding is easy to get wrong: exact ties, just-off ties, huge, tiny, subnormal, signed zero."""
     one = np.float32(1.0)
     ties = [1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 2 + 2.0**-7, 1.5 + 2.0**-8]  # bf16 halfway points
-    near = [np.nextafter(np.float32(t), np.float32(10)) for t in ties] + [np.nextafter(np.float32(t), np.float32(0))
-                                                                          for t in ties]
+    near = [np.nextafter(np.float32(t), np.float32(10)) for t in ties] + [
+        np.nextafter(np.float32(t), np.float32(0)) for t in ties
+    ]
     big = [3.3895314e38, 3.4028235e38, -3.4028235e38, 65504.0, 65520.0, 1e30, np.inf, -np.inf]
     tiny = [1e-45, -1e-45, 1.17549435e-38, 9.2e-41, 1e-30, 0.0, -0.0]
     return np.array(ties + near + big + tiny + [one], dtype=np.float32)
@@ -33,7 +35,13 @@ def _random_bits(rng: np.random.Generator, n: int) -> np.ndarray:
 @given(seed=st.integers(0, 2**32 - 1))
 def test_round_to_bf16_matches_torch_bitwise(seed):
     rng = np.random.default_rng(seed)
-    x = np.concatenate([_edge_f32(), _random_bits(rng, 2000), (rng.standard_normal(2000) * 10.0**rng.integers(-40, 38, 2000)).astype(np.float32)])
+    x = np.concatenate(
+        [
+            _edge_f32(),
+            _random_bits(rng, 2000),
+            (rng.standard_normal(2000) * 10.0 ** rng.integers(-40, 38, 2000)).astype(np.float32),
+        ]
+    )
     got = round_to(x, DType.bf16)
     want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
     assert got.dtype == np.float32
@@ -55,8 +63,16 @@ def test_round_to_fp8e4m3_matches_torch(seed):
     grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
     grid = grid[np.isfinite(grid)]
     mids = (np.sort(grid)[1:] + np.sort(grid)[:-1]) / 2  # exact ties between neighbours: round to even
-    x = np.concatenate([grid, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
-                        rng.standard_normal(3000) * 10.0 ** rng.integers(-4, 3, 3000), [-0.0, 2.0**-10, 2.0**-11]])
+    x = np.concatenate(
+        [
+            grid,
+            mids,
+            np.nextafter(mids, np.float32(np.inf)),
+            np.nextafter(mids, np.float32(-np.inf)),
+            rng.standard_normal(3000) * 10.0 ** rng.integers(-4, 3, 3000),
+            [-0.0, 2.0**-10, 2.0**-11],
+        ]
+    )
     x = np.clip(x, -448.0, 448.0).astype(np.float32)
     got = round_to(x, DType.fp8e4m3)
     want = torch.from_numpy(x).to(torch.float8_e4m3fn).float().numpy()
@@ -74,13 +90,16 @@ def test_round_to_fp8_saturates():
 @given(seed=st.integers(0, 2**32 - 1))
 def test_round_to_f16_matches_torch(seed):
     rng = np.random.default_rng(seed)
-    x = np.concatenate([_edge_f32()[np.abs(_edge_f32()) < 1e30], (rng.standard_normal(2000) * 10.0**rng.integers(-8, 5, 2000))]).astype(np.float32)
+    x = np.concatenate(
+        [_edge_f32()[np.abs(_edge_f32()) < 1e30], (rng.standard_normal(2000) * 10.0 ** rng.integers(-8, 5, 2000))]
+    ).astype(np.float32)
     got = round_to(x, DType.f16)
     assert got.dtype == np.float16
     np.testing.assert_array_equal(got.view(np.uint16), torch.from_numpy(x).half().numpy().view(np.uint16))
 
 
 # --- ops in narrow dtypes through the interpreter --------------------------------------------------------
+
 
 def _module(name: str, types: list[TensorType], attrs: dict):
     mb = build.ModuleBuilder(name)

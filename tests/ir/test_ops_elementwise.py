@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
 from r1c.build import BuildError
@@ -78,8 +79,13 @@ def test_unary_on_ints(run_op, name):
 
 
 BINARY = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
-    "maximum": torch.maximum, "minimum": torch.minimum,
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "pow": torch.pow,
+    "maximum": torch.maximum,
+    "minimum": torch.minimum,
 }
 COMPARE = {"eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge}
 
@@ -171,18 +177,21 @@ def f32(*shape):
     return TensorType(DType.f32, shape)
 
 
-@pytest.mark.parametrize("name,types,msg", [
-    ("add", [f32(2, 3), f32(4, 3)], "broadcast"),
-    ("mul", [f32(2, 3), TensorType(DType.bf16, (2, 3))], "dtypes differ"),
-    ("sub", [TensorType(DType.bool, (2,)), TensorType(DType.bool, (2,))], "bool"),
-    ("lt", [f32(3), f32(4)], "broadcast"),
-    ("logical_and", [f32(2), TensorType(DType.bool, (2,))], "bool"),
-    ("where", [f32(2), f32(2), f32(2)], "bool"),
-    ("where", [TensorType(DType.bool, (2,)), f32(2), TensorType(DType.int32, (2,))], "dtypes differ"),
-    ("where", [TensorType(DType.bool, (3,)), f32(2), f32(2)], "broadcast"),
-    ("swiglu", [TensorType(DType.int32, (2,)), TensorType(DType.int32, (2,))], "float"),
-    ("add", [f32(2), f32(2), f32(2)], "operands"),
-])
+@pytest.mark.parametrize(
+    "name,types,msg",
+    [
+        ("add", [f32(2, 3), f32(4, 3)], "broadcast"),
+        ("mul", [f32(2, 3), TensorType(DType.bf16, (2, 3))], "dtypes differ"),
+        ("sub", [TensorType(DType.bool, (2,)), TensorType(DType.bool, (2,))], "bool"),
+        ("lt", [f32(3), f32(4)], "broadcast"),
+        ("logical_and", [f32(2), TensorType(DType.bool, (2,))], "bool"),
+        ("where", [f32(2), f32(2), f32(2)], "bool"),
+        ("where", [TensorType(DType.bool, (2,)), f32(2), TensorType(DType.int32, (2,))], "dtypes differ"),
+        ("where", [TensorType(DType.bool, (3,)), f32(2), f32(2)], "broadcast"),
+        ("swiglu", [TensorType(DType.int32, (2,)), TensorType(DType.int32, (2,))], "float"),
+        ("add", [f32(2), f32(2), f32(2)], "operands"),
+    ],
+)
 def test_invalid_types(name, types, msg):
     with pytest.raises(OpError, match=msg) as e:
         registry.get(name).infer(types, {})
@@ -191,6 +200,7 @@ def test_invalid_types(name, types, msg):
 
 def test_builder_wraps_type_errors():
     from r1c import build
+
     mb = build.ModuleBuilder("bad")
     f = mb.function("forward", a=f32(2, 3), b=f32(3, 2))
     with pytest.raises(BuildError, match="add"):

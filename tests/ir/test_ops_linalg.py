@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
 
 from r1c.ir import registry
@@ -23,8 +24,11 @@ def f32(*shape):
 
 
 @settings(max_examples=25, deadline=None)
-@given(batch=mutually_broadcastable_shapes(num_shapes=2, max_dims=3, max_side=3),
-       mkn=st.tuples(*(st.integers(1, 6),) * 3), seed=st.integers(0, 2**32 - 1))
+@given(
+    batch=mutually_broadcastable_shapes(num_shapes=2, max_dims=3, max_side=3),
+    mkn=st.tuples(*(st.integers(1, 6),) * 3),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_matmul_matches_torch(run_op, assert_close, batch, mkn, seed):
     m, k, n = mkn
     rng = np.random.default_rng(seed)
@@ -36,8 +40,11 @@ def test_matmul_matches_torch(run_op, assert_close, batch, mkn, seed):
 
 
 @settings(max_examples=20, deadline=None)
-@given(lead=st.lists(st.integers(1, 4), max_size=3), io=st.tuples(st.integers(1, 8), st.integers(1, 8)),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    lead=st.lists(st.integers(1, 4), max_size=3),
+    io=st.tuples(st.integers(1, 8), st.integers(1, 8)),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_linear_matches_torch(run_op, assert_close, lead, io, seed):
     fin, fout = io
     rng = np.random.default_rng(seed)
@@ -55,17 +62,20 @@ def test_linear_symbolic(run_op, assert_close):
     assert_close(got, F.linear(_t(x), _t(w)))
 
 
-@pytest.mark.parametrize("name,types,msg", [
-    ("matmul", [f32(2, 3), f32(4, 5)], "contraction"),
-    ("matmul", [f32(3), f32(3, 4)], "rank"),
-    ("matmul", [f32(2, 2, 3), f32(3, 3, 4)], "broadcast"),
-    ("matmul", [f32(2, 3), TensorType(DType.bf16, (3, 4))], "dtypes differ"),
-    ("matmul", [TensorType(DType.int32, (2, 3)), TensorType(DType.int32, (3, 4))], "float"),
-    ("linear", [f32(2, 3), f32(4, 5)], "features"),
-    ("linear", [f32(2, 3), f32(3)], "weight"),
-    ("linear", [f32(2, 3), f32(2, 4, 3)], "weight"),
-    ("linear", [TensorType(DType.bf16, (2, 3)), f32(4, 3)], "dtypes differ"),
-])
+@pytest.mark.parametrize(
+    "name,types,msg",
+    [
+        ("matmul", [f32(2, 3), f32(4, 5)], "contraction"),
+        ("matmul", [f32(3), f32(3, 4)], "rank"),
+        ("matmul", [f32(2, 2, 3), f32(3, 3, 4)], "broadcast"),
+        ("matmul", [f32(2, 3), TensorType(DType.bf16, (3, 4))], "dtypes differ"),
+        ("matmul", [TensorType(DType.int32, (2, 3)), TensorType(DType.int32, (3, 4))], "float"),
+        ("linear", [f32(2, 3), f32(4, 5)], "features"),
+        ("linear", [f32(2, 3), f32(3)], "weight"),
+        ("linear", [f32(2, 3), f32(2, 4, 3)], "weight"),
+        ("linear", [TensorType(DType.bf16, (2, 3)), f32(4, 3)], "dtypes differ"),
+    ],
+)
 def test_invalid_types(name, types, msg):
     with pytest.raises(OpError, match=msg) as e:
         registry.get(name).infer(types, {})

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from r1c.ir import registry
 from r1c.ir.registry import OpError
@@ -28,8 +29,13 @@ def torch_moe(x, ids, w, wg, wu, wd) -> torch.Tensor:
 
 
 @settings(max_examples=25, deadline=None)
-@given(t=st.integers(1, 6), e=st.integers(1, 5), data=st.data(), fd=st.tuples(st.integers(1, 6), st.integers(1, 6)),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    t=st.integers(1, 6),
+    e=st.integers(1, 5),
+    data=st.data(),
+    fd=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_moe_matches_torch_loop(run_op, assert_close, t, e, data, fd, seed):
     f, d = fd
     k = data.draw(st.integers(1, e))
@@ -83,19 +89,22 @@ def _with(i: int, t: TensorType) -> list[TensorType]:
     return [t if j == i else g for j, g in enumerate(GOOD)]
 
 
-@pytest.mark.parametrize("types,msg", [
-    (_with(0, f32(5, 8, 1)), "rank 2"),
-    (_with(1, f32(5, 2)), "expert ids"),
-    (_with(1, i32(4, 2)), "tokens of ids"),
-    (_with(2, f32(5, 3)), "top-k"),
-    (_with(2, i32(5, 2)), "float"),
-    (_with(4, f32(4, 12, 8)), "differ"),
-    (_with(3, f32(4, 16, 7)), "differ"),
-    (_with(5, f32(3, 8, 16)), "experts"),
-    (_with(5, f32(4, 8, 12)), "ffn dim"),
-    (_with(5, TensorType(DType.bf16, (4, 8, 16))), "dtypes differ"),
-    (GOOD[:5], "operands"),
-])
+@pytest.mark.parametrize(
+    "types,msg",
+    [
+        (_with(0, f32(5, 8, 1)), "rank 2"),
+        (_with(1, f32(5, 2)), "expert ids"),
+        (_with(1, i32(4, 2)), "tokens of ids"),
+        (_with(2, f32(5, 3)), "top-k"),
+        (_with(2, i32(5, 2)), "float"),
+        (_with(4, f32(4, 12, 8)), "differ"),
+        (_with(3, f32(4, 16, 7)), "differ"),
+        (_with(5, f32(3, 8, 16)), "experts"),
+        (_with(5, f32(4, 8, 12)), "ffn dim"),
+        (_with(5, TensorType(DType.bf16, (4, 8, 16))), "dtypes differ"),
+        (GOOD[:5], "operands"),
+    ],
+)
 def test_invalid(types, msg):
     with pytest.raises(OpError, match=msg) as e:
         registry.get("moe_experts").infer(types, {})
@@ -104,16 +113,29 @@ def test_invalid(types, msg):
 
 def test_good_type():
     assert registry.get("moe_experts").infer(GOOD, {}) == [GOOD[0]]
-    sym = [TensorType(DType.f32, ("T", 8)), TensorType(DType.int32, ("T", 2)), TensorType(DType.f32, ("T", 2))] + GOOD[3:]
+    sym = [TensorType(DType.f32, ("T", 8)), TensorType(DType.int32, ("T", 2)), TensorType(DType.f32, ("T", 2))] + GOOD[
+        3:
+    ]
     assert registry.get("moe_experts").infer(sym, {}) == [sym[0]]
 
 
 @settings(max_examples=25, deadline=None)
-@given(t=st.integers(1, 4096), e=st.integers(1, 256), k=st.integers(1, 8), f=st.sampled_from([64, 2048]),
-       d=st.sampled_from([128, 7168]))
+@given(
+    t=st.integers(1, 4096),
+    e=st.integers(1, 256),
+    k=st.integers(1, 8),
+    f=st.sampled_from([64, 2048]),
+    d=st.sampled_from([128, 7168]),
+)
 def test_moe_cost(t, e, k, f, d):
-    ins = [TensorType(DType.bf16, (t, d)), TensorType(DType.int32, (t, k)), TensorType(DType.f32, (t, k)),
-           TensorType(DType.bf16, (e, f, d)), TensorType(DType.bf16, (e, f, d)), TensorType(DType.bf16, (e, d, f))]
+    ins = [
+        TensorType(DType.bf16, (t, d)),
+        TensorType(DType.int32, (t, k)),
+        TensorType(DType.f32, (t, k)),
+        TensorType(DType.bf16, (e, f, d)),
+        TensorType(DType.bf16, (e, f, d)),
+        TensorType(DType.bf16, (e, d, f)),
+    ]
     opdef = registry.get("moe_experts")
     c = opdef.cost(ins, opdef.infer(ins, {}), {})
     # Per routed (token, expert) pair: gate and up projections (2*F*D each), down projection (2*D*F), and the

@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import DeepseekV3Config
 from transformers.modeling_rope_utils import _compute_yarn_parameters
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
-    DeepseekV3RotaryEmbedding, apply_rotary_pos_emb, apply_rotary_pos_emb_interleave)
+    DeepseekV3RotaryEmbedding,
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_interleave,
+)
 
 from r1c.ir import registry
 from r1c.ir.ops.nn import rope_inv_freq
@@ -33,9 +37,13 @@ def i32(*shape):
 
 # --- embedding -------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=15, deadline=None)
-@given(vd=st.tuples(st.integers(1, 20), st.integers(1, 8)), ids_shape=st.lists(st.integers(1, 4), max_size=3),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    vd=st.tuples(st.integers(1, 20), st.integers(1, 8)),
+    ids_shape=st.lists(st.integers(1, 4), max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_embedding_matches_torch(run_op, vd, ids_shape, seed):
     v, d = vd
     rng = np.random.default_rng(seed)
@@ -53,9 +61,14 @@ def test_embedding_out_of_range(run_op):
 
 # --- rmsnorm ---------------------------------------------------------------------------------------------
 
+
 @settings(max_examples=15, deadline=None)
-@given(lead=st.lists(st.integers(1, 4), max_size=3), d=st.integers(1, 16), eps=st.sampled_from([1e-6, 1e-5, 0.1]),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    lead=st.lists(st.integers(1, 4), max_size=3),
+    d=st.integers(1, 16),
+    eps=st.sampled_from([1e-6, 1e-5, 0.1]),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_rmsnorm_matches_torch(run_op, assert_close, lead, d, eps, seed):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(tuple(lead) + (d,)) * 3).astype(np.float32)
@@ -66,28 +79,41 @@ def test_rmsnorm_matches_torch(run_op, assert_close, lead, d, eps, seed):
 
 # --- rope ------------------------------------------------------------------------------------------------
 
+
 def _hf_config(dim: int, attrs: dict) -> DeepseekV3Config:
     """A tiny DeepSeek-V3 config whose rotary settings mirror the rope op's attributes."""
     params: dict = {"rope_type": "default", "rope_theta": attrs["theta"]}
     if attrs["scaling"] == "yarn":
-        params.update(rope_type="yarn", factor=attrs["factor"], original_max_position_embeddings=attrs["original_max_position"],
-                      beta_fast=attrs["beta_fast"], beta_slow=attrs["beta_slow"], mscale=attrs["mscale"],
-                      mscale_all_dim=attrs["mscale_all_dim"])
-    return DeepseekV3Config(hidden_size=4 * dim, num_attention_heads=4, qk_rope_head_dim=dim,
-                            max_position_embeddings=int(attrs["original_max_position"] * attrs["factor"]),
-                            rope_parameters=params)
+        params.update(
+            rope_type="yarn",
+            factor=attrs["factor"],
+            original_max_position_embeddings=attrs["original_max_position"],
+            beta_fast=attrs["beta_fast"],
+            beta_slow=attrs["beta_slow"],
+            mscale=attrs["mscale"],
+            mscale_all_dim=attrs["mscale_all_dim"],
+        )
+    return DeepseekV3Config(
+        hidden_size=4 * dim,
+        num_attention_heads=4,
+        qk_rope_head_dim=dim,
+        max_position_embeddings=int(attrs["original_max_position"] * attrs["factor"]),
+        rope_parameters=params,
+    )
 
 
-yarn_attrs = st.fixed_dictionaries({
-    "theta": st.sampled_from([10000.0, 50000.0, 1e6]),
-    "scaling": st.just("yarn"),
-    "factor": st.sampled_from([1.0, 2.0, 4.0, 40.0]),
-    "original_max_position": st.sampled_from([64, 512, 4096]),
-    "beta_fast": st.sampled_from([32.0, 16.0, 8.0]),
-    "beta_slow": st.sampled_from([1.0, 2.0]),
-    "mscale": st.sampled_from([1.0, 0.707, 0.0]),
-    "mscale_all_dim": st.sampled_from([0.0, 1.0, 0.707]),
-})
+yarn_attrs = st.fixed_dictionaries(
+    {
+        "theta": st.sampled_from([10000.0, 50000.0, 1e6]),
+        "scaling": st.just("yarn"),
+        "factor": st.sampled_from([1.0, 2.0, 4.0, 40.0]),
+        "original_max_position": st.sampled_from([64, 512, 4096]),
+        "beta_fast": st.sampled_from([32.0, 16.0, 8.0]),
+        "beta_slow": st.sampled_from([1.0, 2.0]),
+        "mscale": st.sampled_from([1.0, 0.707, 0.0]),
+        "mscale_all_dim": st.sampled_from([0.0, 1.0, 0.707]),
+    }
+)
 plain_attrs = st.fixed_dictionaries({"theta": st.sampled_from([10000.0, 500.0]), "scaling": st.just("none")})
 ALL_DEFAULTS = registry.get("rope").complete_attrs({})
 
@@ -103,9 +129,13 @@ def test_yarn_inv_freq_matches_transformers(dim, attrs):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 3), st.sampled_from([2, 8, 16, 64])),
-       attrs=st.one_of(plain_attrs, yarn_attrs), interleaved=st.booleans(), big=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 3), st.sampled_from([2, 8, 16, 64])),
+    attrs=st.one_of(plain_attrs, yarn_attrs),
+    interleaved=st.booleans(),
+    big=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_rope_matches_transformers(run_op, assert_close, shape, attrs, interleaved, big, seed):
     b, s, h, d = shape
     rng = np.random.default_rng(seed)
@@ -139,9 +169,14 @@ def test_rope_position_zero_is_identity_and_norm_preserved(run_op):
 
 # --- cross_entropy ---------------------------------------------------------------------------------------
 
+
 @settings(max_examples=25, deadline=None)
-@given(nv=st.tuples(st.integers(1, 8), st.integers(1, 10)), ignore=st.sampled_from([-100, -1, 0]),
-       data=st.data(), seed=st.integers(0, 2**32 - 1))
+@given(
+    nv=st.tuples(st.integers(1, 8), st.integers(1, 10)),
+    ignore=st.sampled_from([-100, -1, 0]),
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_cross_entropy_matches_torch(run_op, assert_close, nv, ignore, data, seed):
     n, v = nv
     rng = np.random.default_rng(seed)
@@ -176,21 +211,25 @@ def test_cross_entropy_label_out_of_range(run_op, bad):
 
 # --- type rules ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,types,attrs,msg", [
-    ("embedding", [f32(4), i32(3)], {}, "rank 2"),
-    ("embedding", [f32(4, 2), f32(3)], {}, "token ids"),
-    ("rmsnorm", [f32(2, 4), f32(3)], {"eps": 1e-6}, "normalized size"),
-    ("rmsnorm", [f32(2, 4), f32(1, 4)], {"eps": 1e-6}, "rank 1"),
-    ("rmsnorm", [i32(2, 4), f32(4)], {"eps": 1e-6}, "float"),
-    ("rope", [f32(1, 2, 3, 4), i32(1, 3)], ALL_DEFAULTS, "sequence"),
-    ("rope", [f32(1, 2, 3, 4), i32(2, 2)], ALL_DEFAULTS, "batch"),
-    ("rope", [f32(1, 2, 3, 5), i32(1, 2)], ALL_DEFAULTS, "even"),
-    ("rope", [f32(2, 3, 4), i32(2, 3)], ALL_DEFAULTS, "rank 4"),
-    ("rope", [f32(1, 2, 3, 4), f32(1, 2)], ALL_DEFAULTS, "positions"),
-    ("cross_entropy", [f32(3, 5), i32(4)], {"ignore_index": -100}, "rows"),
-    ("cross_entropy", [f32(3, 5), f32(3)], {"ignore_index": -100}, "labels"),
-    ("cross_entropy", [f32(15), i32(3)], {"ignore_index": -100}, "rank 2"),
-])
+
+@pytest.mark.parametrize(
+    "name,types,attrs,msg",
+    [
+        ("embedding", [f32(4), i32(3)], {}, "rank 2"),
+        ("embedding", [f32(4, 2), f32(3)], {}, "token ids"),
+        ("rmsnorm", [f32(2, 4), f32(3)], {"eps": 1e-6}, "normalized size"),
+        ("rmsnorm", [f32(2, 4), f32(1, 4)], {"eps": 1e-6}, "rank 1"),
+        ("rmsnorm", [i32(2, 4), f32(4)], {"eps": 1e-6}, "float"),
+        ("rope", [f32(1, 2, 3, 4), i32(1, 3)], ALL_DEFAULTS, "sequence"),
+        ("rope", [f32(1, 2, 3, 4), i32(2, 2)], ALL_DEFAULTS, "batch"),
+        ("rope", [f32(1, 2, 3, 5), i32(1, 2)], ALL_DEFAULTS, "even"),
+        ("rope", [f32(2, 3, 4), i32(2, 3)], ALL_DEFAULTS, "rank 4"),
+        ("rope", [f32(1, 2, 3, 4), f32(1, 2)], ALL_DEFAULTS, "positions"),
+        ("cross_entropy", [f32(3, 5), i32(4)], {"ignore_index": -100}, "rows"),
+        ("cross_entropy", [f32(3, 5), f32(3)], {"ignore_index": -100}, "labels"),
+        ("cross_entropy", [f32(15), i32(3)], {"ignore_index": -100}, "rank 2"),
+    ],
+)
 def test_invalid(name, types, attrs, msg):
     with pytest.raises(OpError, match=msg) as e:
         registry.get(name).infer(types, attrs)

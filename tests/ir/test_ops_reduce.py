@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
 from r1c.ir import registry
@@ -100,8 +101,12 @@ def test_cumsum_matches_torch(run_op, assert_close, shape, data, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=array_shapes(min_dims=1, max_dims=3, max_side=7), data=st.data(), largest=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    shape=array_shapes(min_dims=1, max_dims=3, max_side=7),
+    data=st.data(),
+    largest=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_topk_matches_torch(run_op, shape, data, largest, seed):
     axis = data.draw(st.integers(-len(shape), len(shape) - 1))
     k = data.draw(st.integers(1, shape[axis]))
@@ -140,20 +145,23 @@ def test_topk_nan_ranks_largest_like_torch(run_op):
         np.testing.assert_array_equal(vals, tv.numpy())  # NaN compares equal to NaN here
 
 
-@pytest.mark.parametrize("name,types,attrs,msg", [
-    ("reduce_sum", [f32(2, 3)], {"axes": (2,), "keepdims": False}, "out of range"),
-    ("reduce_sum", [f32(2, 3)], {"axes": (0, -2), "keepdims": False}, "repeated"),
-    ("reduce_max", [f32(2, 3)], {"axes": (), "keepdims": False}, "axis"),
-    ("reduce_mean", [TensorType(DType.int32, (2, 3))], {"axes": (0,), "keepdims": False}, "float"),
-    ("argmax", [f32(2, 3)], {"axis": -3}, "out of range"),
-    ("softmax", [f32(2, 3)], {"axis": 2}, "out of range"),
-    ("softmax", [TensorType(DType.int32, (2, 3))], {"axis": -1}, "float"),
-    ("log_softmax", [TensorType(DType.int32, (2, 3))], {"axis": -1}, "float"),
-    ("cumsum", [f32(4)], {"axis": 1}, "out of range"),
-    ("topk", [f32(2, 3)], {"k": 4, "axis": -1, "largest": True}, "out of range"),
-    ("topk", [f32(2, 3)], {"k": 0, "axis": -1, "largest": True}, "out of range"),
-    ("topk", [f32(2, 3)], {"k": 1, "axis": 2, "largest": True}, "out of range"),
-])
+@pytest.mark.parametrize(
+    "name,types,attrs,msg",
+    [
+        ("reduce_sum", [f32(2, 3)], {"axes": (2,), "keepdims": False}, "out of range"),
+        ("reduce_sum", [f32(2, 3)], {"axes": (0, -2), "keepdims": False}, "repeated"),
+        ("reduce_max", [f32(2, 3)], {"axes": (), "keepdims": False}, "axis"),
+        ("reduce_mean", [TensorType(DType.int32, (2, 3))], {"axes": (0,), "keepdims": False}, "float"),
+        ("argmax", [f32(2, 3)], {"axis": -3}, "out of range"),
+        ("softmax", [f32(2, 3)], {"axis": 2}, "out of range"),
+        ("softmax", [TensorType(DType.int32, (2, 3))], {"axis": -1}, "float"),
+        ("log_softmax", [TensorType(DType.int32, (2, 3))], {"axis": -1}, "float"),
+        ("cumsum", [f32(4)], {"axis": 1}, "out of range"),
+        ("topk", [f32(2, 3)], {"k": 4, "axis": -1, "largest": True}, "out of range"),
+        ("topk", [f32(2, 3)], {"k": 0, "axis": -1, "largest": True}, "out of range"),
+        ("topk", [f32(2, 3)], {"k": 1, "axis": 2, "largest": True}, "out of range"),
+    ],
+)
 def test_invalid(name, types, attrs, msg):
     with pytest.raises(OpError, match=msg) as e:
         registry.get(name).infer(types, attrs)

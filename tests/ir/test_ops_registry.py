@@ -15,15 +15,65 @@ HERE = Path(__file__).parent
 # Where each op is checked against torch. A new op fails test_every_op_is_tested until it is added here
 # together with a real test.
 TESTED_IN = {
-    **{n: "test_ops_elementwise.py" for n in [
-        "neg", "exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "square", "tanh", "sigmoid", "silu", "gelu",
-        "relu", "softplus", "sin", "cos", "add", "sub", "mul", "div", "pow", "maximum", "minimum",
-        "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "where", "swiglu"]},
-    "matmul": "test_ops_linalg.py", "linear": "test_ops_linalg.py",
-    **{n: "test_ops_reduce.py" for n in [
-        "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "argmax", "softmax", "log_softmax", "cumsum", "topk"]},
-    **{n: "test_ops_shape.py" for n in [
-        "reshape", "transpose", "concat", "slice", "broadcast_to", "gather", "take", "one_hot"]},
+    **{
+        n: "test_ops_elementwise.py"
+        for n in [
+            "neg",
+            "exp",
+            "log",
+            "sqrt",
+            "rsqrt",
+            "reciprocal",
+            "abs",
+            "square",
+            "tanh",
+            "sigmoid",
+            "silu",
+            "gelu",
+            "relu",
+            "softplus",
+            "sin",
+            "cos",
+            "add",
+            "sub",
+            "mul",
+            "div",
+            "pow",
+            "maximum",
+            "minimum",
+            "eq",
+            "ne",
+            "lt",
+            "le",
+            "gt",
+            "ge",
+            "logical_and",
+            "logical_or",
+            "logical_not",
+            "where",
+            "swiglu",
+        ]
+    },
+    "matmul": "test_ops_linalg.py",
+    "linear": "test_ops_linalg.py",
+    **{
+        n: "test_ops_reduce.py"
+        for n in [
+            "reduce_sum",
+            "reduce_mean",
+            "reduce_max",
+            "reduce_min",
+            "argmax",
+            "softmax",
+            "log_softmax",
+            "cumsum",
+            "topk",
+        ]
+    },
+    **{
+        n: "test_ops_shape.py"
+        for n in ["reshape", "transpose", "concat", "slice", "broadcast_to", "gather", "take", "one_hot"]
+    },
     **{n: "test_ops_nn.py" for n in ["embedding", "rmsnorm", "rope", "cross_entropy"]},
     "attention": "test_ops_attention.py",
     "moe_experts": "test_ops_moe.py",
@@ -59,18 +109,34 @@ def test_wrong_arity_names_op(name):
     if bad < 0:
         pytest.skip(f"{name} takes any number of operands")
     from r1c.ir.types import DType, TensorType
+
     with pytest.raises(OpError, match=name):
         opdef.infer([TensorType(DType.f32, (2,))] * bad, opdef.complete_attrs(_required_attrs(name)))
 
 
 def _required_attrs(name: str) -> dict:
     from r1c.ir.types import DType
-    return {"reshape": {"shape": [2]}, "transpose": {"perm": [0]}, "concat": {"axis": 0},
-            "slice": {"axis": 0, "start": 0, "stop": 1}, "broadcast_to": {"shape": [2]}, "gather": {"axis": 0},
-            "take": {"axis": 0}, "one_hot": {"depth": 2}, "cumsum": {"axis": 0}, "topk": {"k": 1},
-            "reduce_sum": {"axes": [0]}, "reduce_mean": {"axes": [0]}, "reduce_max": {"axes": [0]},
-            "reduce_min": {"axes": [0]}, "attention": {"scale": 1.0}, "iota": {"axis": 0},
-            "cast": {"dtype": DType.bf16}, "constant": {"value": 1.0}}.get(name, {})
+
+    return {
+        "reshape": {"shape": [2]},
+        "transpose": {"perm": [0]},
+        "concat": {"axis": 0},
+        "slice": {"axis": 0, "start": 0, "stop": 1},
+        "broadcast_to": {"shape": [2]},
+        "gather": {"axis": 0},
+        "take": {"axis": 0},
+        "one_hot": {"depth": 2},
+        "cumsum": {"axis": 0},
+        "topk": {"k": 1},
+        "reduce_sum": {"axes": [0]},
+        "reduce_mean": {"axes": [0]},
+        "reduce_max": {"axes": [0]},
+        "reduce_min": {"axes": [0]},
+        "attention": {"scale": 1.0},
+        "iota": {"axis": 0},
+        "cast": {"dtype": DType.bf16},
+        "constant": {"value": 1.0},
+    }.get(name, {})
 
 
 @pytest.mark.parametrize("name", sorted(set(registry.all_ops()) - {"param"}))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
 from r1c.build import BuildError
@@ -68,8 +69,10 @@ def test_transpose_matches_torch(run_op, shape, data, seed):
 def test_concat_matches_torch(run_op, shape, data, seed):
     axis = data.draw(st.integers(-len(shape), len(shape) - 1))
     sizes = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
-    parts = [_rand(seed + i, tuple(s if j == axis % len(shape) else d for j, d in enumerate(shape)))
-             for i, s in enumerate(sizes)]
+    parts = [
+        _rand(seed + i, tuple(s if j == axis % len(shape) else d for j, d in enumerate(shape)))
+        for i, s in enumerate(sizes)
+    ]
     (got,) = run_op("concat", parts, axis=axis)
     np.testing.assert_array_equal(got, torch.cat([_t(p) for p in parts], dim=axis).numpy())
 
@@ -128,8 +131,12 @@ def test_gather_matches_torch(run_op, shape, data, seed):
 
 
 @settings(max_examples=20, deadline=None)
-@given(shape=array_shapes(min_dims=1, max_dims=3, max_side=5), idx_shape=array_shapes(min_dims=0, max_dims=2, max_side=4),
-       data=st.data(), seed=st.integers(0, 2**32 - 1))
+@given(
+    shape=array_shapes(min_dims=1, max_dims=3, max_side=5),
+    idx_shape=array_shapes(min_dims=0, max_dims=2, max_side=4),
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_take_matches_torch(run_op, shape, idx_shape, data, seed):
     axis = data.draw(st.integers(-len(shape), len(shape) - 1))
     rng = np.random.default_rng(seed)
@@ -137,7 +144,7 @@ def test_take_matches_torch(run_op, shape, idx_shape, data, seed):
     x = _rand(seed, shape)
     (got,) = run_op("take", [x, idx], axis=axis)
     ax = axis % len(shape)
-    want = torch.index_select(_t(x), ax, _t(idx).long().reshape(-1)).reshape(shape[:ax] + idx_shape + shape[ax + 1:])
+    want = torch.index_select(_t(x), ax, _t(idx).long().reshape(-1)).reshape(shape[:ax] + idx_shape + shape[ax + 1 :])
     np.testing.assert_array_equal(got, want.numpy())
 
 
@@ -160,35 +167,38 @@ def test_one_hot_matches_torch(run_op, dtype, shape, depth, seed):
     np.testing.assert_array_equal(got, F.one_hot(_t(idx).long(), depth).numpy())
 
 
-@pytest.mark.parametrize("name,types,attrs,msg", [
-    ("reshape", [f32(2, 3)], {"shape": DimList([4, 2])}, "elements"),
-    ("reshape", [f32(2, 3)], {"shape": DimList([-1, -1])}, "at most one -1"),
-    ("reshape", [f32(2, 3)], {"shape": DimList([4, -1])}, "cannot infer"),
-    ("reshape", [f32(2, 4)], {"shape": DimList([-2, -4])}, "reshape"),
-    ("reshape", [f32(2, 4)], {"shape": DimList(["B+1", 8])}, "reshape"),
-    ("transpose", [f32(2, 3)], {"perm": (0, 0)}, "permutation"),
-    ("transpose", [f32(2, 3)], {"perm": (0, 1, 2)}, "permutation"),
-    ("transpose", [f32(2, 3)], {"perm": (0, 2)}, "permutation"),
-    ("concat", [f32(2, 3), f32(2, 4)], {"axis": 0}, "axis 1"),
-    ("concat", [f32(2, 3), f32(2, 3, 1)], {"axis": 0}, "ranks differ"),
-    ("concat", [f32(2, 3), TensorType(DType.bf16, (2, 3))], {"axis": 0}, "dtypes differ"),
-    ("concat", [f32(2, 3)], {"axis": 2}, "out of range"),
-    ("concat", [TensorType(DType.f32, ("S", 3)), f32(2, 3)], {"axis": 0}, "static"),
-    ("slice", [f32(4)], {"axis": 0, "start": 0, "stop": 4, "step": 0}, "step"),
-    ("slice", [f32(4)], {"axis": 0, "start": 4, "stop": 6, "step": 1}, "out of range"),
-    ("slice", [f32(4)], {"axis": 0, "start": 2, "stop": 2, "step": 1}, "empty"),
-    ("slice", [f32(4)], {"axis": 1, "start": 0, "stop": 1, "step": 1}, "out of range"),
-    ("broadcast_to", [f32(2, 3)], {"shape": DimList([3])}, "lower rank"),
-    ("broadcast_to", [f32(2, 3)], {"shape": DimList([4, 3])}, "does not broadcast"),
-    ("broadcast_to", [f32(2, 3)], {"shape": DimList([2, -3])}, "broadcast_to"),
-    ("gather", [f32(2, 3), TensorType(DType.f32, (2, 3))], {"axis": 0}, "int32"),
-    ("gather", [f32(2, 3), TensorType(DType.int32, (2,))], {"axis": 0}, "rank"),
-    ("gather", [f32(2, 3), TensorType(DType.int32, (2, 4))], {"axis": 0}, "axis 1"),
-    ("take", [f32(2, 3), TensorType(DType.f32, (2,))], {"axis": 0}, "int32"),
-    ("take", [f32(2, 3), TensorType(DType.int32, (2,))], {"axis": 2}, "out of range"),
-    ("one_hot", [f32(2)], {"depth": 3, "dtype": DType.f32}, "int32"),
-    ("one_hot", [TensorType(DType.int32, (2,))], {"depth": 0, "dtype": DType.f32}, "depth"),
-])
+@pytest.mark.parametrize(
+    "name,types,attrs,msg",
+    [
+        ("reshape", [f32(2, 3)], {"shape": DimList([4, 2])}, "elements"),
+        ("reshape", [f32(2, 3)], {"shape": DimList([-1, -1])}, "at most one -1"),
+        ("reshape", [f32(2, 3)], {"shape": DimList([4, -1])}, "cannot infer"),
+        ("reshape", [f32(2, 4)], {"shape": DimList([-2, -4])}, "reshape"),
+        ("reshape", [f32(2, 4)], {"shape": DimList(["B+1", 8])}, "reshape"),
+        ("transpose", [f32(2, 3)], {"perm": (0, 0)}, "permutation"),
+        ("transpose", [f32(2, 3)], {"perm": (0, 1, 2)}, "permutation"),
+        ("transpose", [f32(2, 3)], {"perm": (0, 2)}, "permutation"),
+        ("concat", [f32(2, 3), f32(2, 4)], {"axis": 0}, "axis 1"),
+        ("concat", [f32(2, 3), f32(2, 3, 1)], {"axis": 0}, "ranks differ"),
+        ("concat", [f32(2, 3), TensorType(DType.bf16, (2, 3))], {"axis": 0}, "dtypes differ"),
+        ("concat", [f32(2, 3)], {"axis": 2}, "out of range"),
+        ("concat", [TensorType(DType.f32, ("S", 3)), f32(2, 3)], {"axis": 0}, "static"),
+        ("slice", [f32(4)], {"axis": 0, "start": 0, "stop": 4, "step": 0}, "step"),
+        ("slice", [f32(4)], {"axis": 0, "start": 4, "stop": 6, "step": 1}, "out of range"),
+        ("slice", [f32(4)], {"axis": 0, "start": 2, "stop": 2, "step": 1}, "empty"),
+        ("slice", [f32(4)], {"axis": 1, "start": 0, "stop": 1, "step": 1}, "out of range"),
+        ("broadcast_to", [f32(2, 3)], {"shape": DimList([3])}, "lower rank"),
+        ("broadcast_to", [f32(2, 3)], {"shape": DimList([4, 3])}, "does not broadcast"),
+        ("broadcast_to", [f32(2, 3)], {"shape": DimList([2, -3])}, "broadcast_to"),
+        ("gather", [f32(2, 3), TensorType(DType.f32, (2, 3))], {"axis": 0}, "int32"),
+        ("gather", [f32(2, 3), TensorType(DType.int32, (2,))], {"axis": 0}, "rank"),
+        ("gather", [f32(2, 3), TensorType(DType.int32, (2, 4))], {"axis": 0}, "axis 1"),
+        ("take", [f32(2, 3), TensorType(DType.f32, (2,))], {"axis": 0}, "int32"),
+        ("take", [f32(2, 3), TensorType(DType.int32, (2,))], {"axis": 2}, "out of range"),
+        ("one_hot", [f32(2)], {"depth": 3, "dtype": DType.f32}, "int32"),
+        ("one_hot", [TensorType(DType.int32, (2,))], {"depth": 0, "dtype": DType.f32}, "depth"),
+    ],
+)
 def test_invalid(name, types, attrs, msg):
     with pytest.raises(OpError, match=msg) as e:
         registry.get(name).infer(types, attrs)
@@ -197,6 +207,7 @@ def test_invalid(name, types, attrs, msg):
 
 def test_builder_reports_bad_reshape():
     from r1c import build
+
     mb = build.ModuleBuilder("bad")
     f = mb.function("forward", x=f32(2, 3))
     with pytest.raises(BuildError, match="reshape"):
@@ -205,10 +216,12 @@ def test_builder_reports_bad_reshape():
 
 def test_traffic_costs():
     """Data movement does no arithmetic and moves at least its output."""
-    for name, ins, attrs in [("transpose", [f32(4, 8)], {"perm": (1, 0)}),
-                             ("concat", [f32(4, 8), f32(2, 8)], {"axis": 0}),
-                             ("slice", [f32(4, 8)], {"axis": 1, "start": 0, "stop": 4, "step": 1}),
-                             ("gather", [f32(4, 8), TensorType(DType.int32, (4, 2))], {"axis": 1})]:
+    for name, ins, attrs in [
+        ("transpose", [f32(4, 8)], {"perm": (1, 0)}),
+        ("concat", [f32(4, 8), f32(2, 8)], {"axis": 0}),
+        ("slice", [f32(4, 8)], {"axis": 1, "start": 0, "stop": 4, "step": 1}),
+        ("gather", [f32(4, 8), TensorType(DType.int32, (4, 2))], {"axis": 1}),
+    ]:
         outs = registry.get(name).infer(ins, attrs)
         c = registry.get(name).cost(ins, outs, attrs)
         out_bytes = sum(int(np.prod(o.shape)) * o.dtype.itemsize for o in outs)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
 from r1c import build
@@ -24,6 +25,7 @@ def f32(*shape):
 
 
 # --- param -----------------------------------------------------------------------------------------------
+
 
 def _param_module(dtype: DType = DType.f32):
     mb = build.ModuleBuilder("p")
@@ -70,12 +72,18 @@ def test_param_cost():
 
 # --- constant / iota / cast ------------------------------------------------------------------------------
 
+
 @settings(max_examples=15, deadline=None)
-@given(shape=array_shapes(min_dims=0, max_dims=3, max_side=4), value=st.floats(-1e3, 1e3, width=32),
-       dtype=st.sampled_from([DType.f32, DType.bf16, DType.int32, DType.f16]))
+@given(
+    shape=array_shapes(min_dims=0, max_dims=3, max_side=4),
+    value=st.floats(-1e3, 1e3, width=32),
+    dtype=st.sampled_from([DType.f32, DType.bf16, DType.int32, DType.f16]),
+)
 def test_constant_matches_torch(run_op, shape, value, dtype):
     (got,) = run_op("constant", [], value=value, dtype=dtype, shape=DimList(shape))
-    tdt = {DType.f32: torch.float32, DType.bf16: torch.bfloat16, DType.int32: torch.int32, DType.f16: torch.float16}[dtype]
+    tdt = {DType.f32: torch.float32, DType.bf16: torch.bfloat16, DType.int32: torch.int32, DType.f16: torch.float16}[
+        dtype
+    ]
     want = torch.full(shape, value, dtype=torch.float32).to(tdt)
     assert got.shape == shape and got.dtype == dtype.numpy
     np.testing.assert_array_equal(got, want.to(torch.float32 if dtype.is_float else tdt).numpy())
@@ -89,8 +97,11 @@ def test_constant_needs_static_shape_and_sane_dims():
 
 
 @settings(max_examples=15, deadline=None)
-@given(shape=array_shapes(min_dims=1, max_dims=3, max_side=5), data=st.data(),
-       dtype=st.sampled_from([DType.int32, DType.f32]))
+@given(
+    shape=array_shapes(min_dims=1, max_dims=3, max_side=5),
+    data=st.data(),
+    dtype=st.sampled_from([DType.int32, DType.f32]),
+)
 def test_iota_matches_torch(run_op, shape, data, dtype):
     axis = data.draw(st.integers(-len(shape), len(shape) - 1))
     like = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -107,11 +118,27 @@ def test_iota_bad_axis():
         registry.get("iota").infer([f32(2, 3)], {"axis": 2, "dtype": DType.int32})
 
 
-CASTS = [(DType.f32, DType.bf16), (DType.f32, DType.f16), (DType.f32, DType.fp8e4m3), (DType.f32, DType.int32),
-         (DType.f32, DType.int8), (DType.bf16, DType.f32), (DType.int32, DType.f32), (DType.f32, DType.bool),
-         (DType.f16, DType.bf16), (DType.int32, DType.int8)]
-TORCH = {DType.f32: torch.float32, DType.bf16: torch.bfloat16, DType.f16: torch.float16, DType.int32: torch.int32,
-         DType.int8: torch.int8, DType.bool: torch.bool, DType.fp8e4m3: torch.float8_e4m3fn}
+CASTS = [
+    (DType.f32, DType.bf16),
+    (DType.f32, DType.f16),
+    (DType.f32, DType.fp8e4m3),
+    (DType.f32, DType.int32),
+    (DType.f32, DType.int8),
+    (DType.bf16, DType.f32),
+    (DType.int32, DType.f32),
+    (DType.f32, DType.bool),
+    (DType.f16, DType.bf16),
+    (DType.int32, DType.int8),
+]
+TORCH = {
+    DType.f32: torch.float32,
+    DType.bf16: torch.bfloat16,
+    DType.f16: torch.float16,
+    DType.int32: torch.int32,
+    DType.int8: torch.int8,
+    DType.bool: torch.bool,
+    DType.fp8e4m3: torch.float8_e4m3fn,
+}
 
 
 @pytest.mark.parametrize("src,dst", CASTS, ids=[f"{a}->{b}" for a, b in CASTS])
@@ -135,6 +162,7 @@ def test_cast_matches_torch(run_op, src, dst, shape, seed):
 
 # --- bind_dims -------------------------------------------------------------------------------------------
 
+
 def _fn(**args: TensorType):
     mb = build.ModuleBuilder("b")
     fb = mb.function("forward", **args)
@@ -148,17 +176,26 @@ def test_bind_dims_binds_symbols_and_products():
     assert env == {"B": 2, "S": 3}
 
 
-@pytest.mark.parametrize("args,inputs,msg", [
-    ({"x": f32(2, 3)}, [], "takes 1 inputs"),
-    ({"x": f32(2, 3)}, [np.ones((2, 3)), np.ones(1)], "takes 1 inputs"),
-    ({"x": f32(2, 3)}, [np.ones((2, 3, 1))], "expected rank 2"),
-    ({"x": f32(2, 3)}, [np.ones((2, 4))], "dimension 3 does not match size 4"),
-    ({"x": TensorType(DType.f32, ("B", 3)), "y": TensorType(DType.f32, ("B",))}, [np.ones((2, 3)), np.ones(5)],
-     "dimension B does not match size 5"),
-    ({"x": TensorType(DType.f32, ("B", "S")), "y": TensorType(DType.f32, ("B*S",))}, [np.ones((2, 3)), np.ones(7)],
-     "dimension B\\*S does not match size 7"),
-    ({"x": TensorType(DType.f32, ("S*2",))}, [np.ones(5)], "does not match size 5"),
-])
+@pytest.mark.parametrize(
+    "args,inputs,msg",
+    [
+        ({"x": f32(2, 3)}, [], "takes 1 inputs"),
+        ({"x": f32(2, 3)}, [np.ones((2, 3)), np.ones(1)], "takes 1 inputs"),
+        ({"x": f32(2, 3)}, [np.ones((2, 3, 1))], "expected rank 2"),
+        ({"x": f32(2, 3)}, [np.ones((2, 4))], "dimension 3 does not match size 4"),
+        (
+            {"x": TensorType(DType.f32, ("B", 3)), "y": TensorType(DType.f32, ("B",))},
+            [np.ones((2, 3)), np.ones(5)],
+            "dimension B does not match size 5",
+        ),
+        (
+            {"x": TensorType(DType.f32, ("B", "S")), "y": TensorType(DType.f32, ("B*S",))},
+            [np.ones((2, 3)), np.ones(7)],
+            "dimension B\\*S does not match size 7",
+        ),
+        ({"x": TensorType(DType.f32, ("S*2",))}, [np.ones(5)], "does not match size 5"),
+    ],
+)
 def test_bind_dims_errors(args, inputs, msg):
     f = _fn(**args)
     with pytest.raises(InterpreterError, match=msg) as e:

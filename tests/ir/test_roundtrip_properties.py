@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
+from strategies import modules
 
 from r1c.ir import parse_module, print_module, verify
-from strategies import modules
 
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

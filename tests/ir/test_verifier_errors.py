@@ -7,8 +7,7 @@ import re
 
 import pytest
 
-from r1c.ir import (DimList, Function, IRParseError, Module, Op, Param, Value, VerifyError, parse_module,
-                    tensor, verify)
+from r1c.ir import DimList, Function, IRParseError, Module, Op, Param, Value, VerifyError, parse_module, tensor, verify
 
 HEAD = "module @m {\n  param @w : f32[4,4] = ones\n  func @forward(%x: f32[4,4]) -> (f32[4,4]) {\n"
 TAIL = "  }\n}\n"
@@ -16,36 +15,77 @@ T = tensor("f32", [4, 4])
 
 # name -> (function body text, error class, fragments the message must contain)
 TEXT_CASES = {
-    "use_before_def": ("    %0 = add(%x, %1) : f32[4,4]\n    %1 = neg(%x) : f32[4,4]\n    return %0\n",
-                       IRParseError, ["<ir>:4:18", "@forward", "add", "%1", "before it is defined"]),
-    "double_def": ("    %0 = neg(%x) : f32[4,4]\n    %0 = exp(%x) : f32[4,4]\n    return %0\n",
-                   IRParseError, ["<ir>:5:5", "@forward", "exp", "%0", "defined twice"]),
-    "unknown_op": ("    %0 = sofmax(%x) {axis=-1} : f32[4,4]\n    return %0\n",
-                   VerifyError, ["@forward", "'sofmax'", "%0", "did you mean softmax"]),
-    "wrong_arity": ("    %0 = add(%x) : f32[4,4]\n    return %0\n",
-                    VerifyError, ["@forward", "'add'", "%0", "takes 2 operands", "got 1"]),
-    "wrong_result_type": ("    %0 = transpose(%x) {perm=[1,0]} : f32[4,5]\n    return %x\n",
-                          VerifyError, ["@forward", "'transpose'", "%0", "declared f32[4,5]", "gives f32[4,4]"]),
-    "wrong_result_count": ("    %0, %1 = neg(%x) : f32[4,4], f32[4,4]\n    return %0\n",
-                           VerifyError, ["@forward", "'neg'", "%0, %1", "1 result(s)", "lists 2"]),
-    "missing_attr": ("    %0 = softmax(%x) : f32[4,4]\n    return %0\n",
-                     VerifyError, ["@forward", "'softmax'", "%0", "missing attribute", "axis"]),
-    "unknown_attr": ("    %0 = neg(%x) {foo=1} : f32[4,4]\n    return %0\n",
-                     VerifyError, ["@forward", "'neg'", "%0", "no attribute", "foo"]),
-    "ill_typed_attr": ('    %0 = softmax(%x) {axis="last"} : f32[4,4]\n    return %0\n',
-                       VerifyError, ["@forward", "'softmax'", "%0", "'axis'", "must be int", "'last'"]),
-    "undeclared_param": ('    %v = param() {name="v"} : f32[4,4]\n    return %v\n',
-                         VerifyError, ["@forward", "'param'", "%v", "@v is not declared", "@m"]),
-    "param_type_mismatch": ('    %w = param() {name="w"} : f32[4,8]\n    return %x\n',
-                            VerifyError, ["@forward", "'param'", "%w", "declared f32[4,8]", "gives f32[4,4]"]),
-    "return_undefined": ("    %0 = neg(%x) : f32[4,4]\n    return %5\n",
-                         IRParseError, ["<ir>:5:12", "@forward", "return", "%5"]),
-    "return_type_mismatch": ("    %0 = reduce_sum(%x) {axes=[0], keepdims=false} : f32[4]\n    return %0\n",
-                             IRParseError, ["@forward", "%0: f32[4]", "signature", "f32[4,4]"]),
-    "syntax_error": ("    %0 = neg(%x) : f32[4,4\n    return %0\n",
-                     IRParseError, ["<ir>:5:5", "unexpected 'return'", "RSQB", "^"]),
-    "bad_character": ("    %0 = neg(%x) : f32[4,4] $\n    return %0\n",
-                      IRParseError, ["<ir>:4:29", "unexpected '$'"]),
+    "use_before_def": (
+        "    %0 = add(%x, %1) : f32[4,4]\n    %1 = neg(%x) : f32[4,4]\n    return %0\n",
+        IRParseError,
+        ["<ir>:4:18", "@forward", "add", "%1", "before it is defined"],
+    ),
+    "double_def": (
+        "    %0 = neg(%x) : f32[4,4]\n    %0 = exp(%x) : f32[4,4]\n    return %0\n",
+        IRParseError,
+        ["<ir>:5:5", "@forward", "exp", "%0", "defined twice"],
+    ),
+    "unknown_op": (
+        "    %0 = sofmax(%x) {axis=-1} : f32[4,4]\n    return %0\n",
+        VerifyError,
+        ["@forward", "'sofmax'", "%0", "did you mean softmax"],
+    ),
+    "wrong_arity": (
+        "    %0 = add(%x) : f32[4,4]\n    return %0\n",
+        VerifyError,
+        ["@forward", "'add'", "%0", "takes 2 operands", "got 1"],
+    ),
+    "wrong_result_type": (
+        "    %0 = transpose(%x) {perm=[1,0]} : f32[4,5]\n    return %x\n",
+        VerifyError,
+        ["@forward", "'transpose'", "%0", "declared f32[4,5]", "gives f32[4,4]"],
+    ),
+    "wrong_result_count": (
+        "    %0, %1 = neg(%x) : f32[4,4], f32[4,4]\n    return %0\n",
+        VerifyError,
+        ["@forward", "'neg'", "%0, %1", "1 result(s)", "lists 2"],
+    ),
+    "missing_attr": (
+        "    %0 = softmax(%x) : f32[4,4]\n    return %0\n",
+        VerifyError,
+        ["@forward", "'softmax'", "%0", "missing attribute", "axis"],
+    ),
+    "unknown_attr": (
+        "    %0 = neg(%x) {foo=1} : f32[4,4]\n    return %0\n",
+        VerifyError,
+        ["@forward", "'neg'", "%0", "no attribute", "foo"],
+    ),
+    "ill_typed_attr": (
+        '    %0 = softmax(%x) {axis="last"} : f32[4,4]\n    return %0\n',
+        VerifyError,
+        ["@forward", "'softmax'", "%0", "'axis'", "must be int", "'last'"],
+    ),
+    "undeclared_param": (
+        '    %v = param() {name="v"} : f32[4,4]\n    return %v\n',
+        VerifyError,
+        ["@forward", "'param'", "%v", "@v is not declared", "@m"],
+    ),
+    "param_type_mismatch": (
+        '    %w = param() {name="w"} : f32[4,8]\n    return %x\n',
+        VerifyError,
+        ["@forward", "'param'", "%w", "declared f32[4,8]", "gives f32[4,4]"],
+    ),
+    "return_undefined": (
+        "    %0 = neg(%x) : f32[4,4]\n    return %5\n",
+        IRParseError,
+        ["<ir>:5:12", "@forward", "return", "%5"],
+    ),
+    "return_type_mismatch": (
+        "    %0 = reduce_sum(%x) {axes=[0], keepdims=false} : f32[4]\n    return %0\n",
+        IRParseError,
+        ["@forward", "%0: f32[4]", "signature", "f32[4,4]"],
+    ),
+    "syntax_error": (
+        "    %0 = neg(%x) : f32[4,4\n    return %0\n",
+        IRParseError,
+        ["<ir>:5:5", "unexpected 'return'", "RSQB", "^"],
+    ),
+    "bad_character": ("    %0 = neg(%x) : f32[4,4] $\n    return %0\n", IRParseError, ["<ir>:4:29", "unexpected '$'"]),
 }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from r1c import build
-from r1c.ir import Module, Op, Param, VerifyError, parse_module, print_module
+from r1c.ir import Module, Param, VerifyError, parse_module, print_module
 from r1c.passes import NumericsError, PassManager, PipelineError, compare_modules, registry, run_pipeline
 
 TEXT = """module @m {
@@ -52,8 +52,9 @@ def _rename_param(module: Module) -> Module:
 @pytest.fixture
 def bad_passes(monkeypatch):
     for name, fn in [("bad-sub", _sub_for_add), ("bad-types", _break_types), ("bad-rename", _rename_param)]:
-        monkeypatch.setitem(registry._PASSES, name,
-                            registry.PassInfo(name, "a broken pass", fn, registry._options_of(name, fn)))
+        monkeypatch.setitem(
+            registry._PASSES, name, registry.PassInfo(name, "a broken pass", fn, registry._options_of(name, fn))
+        )
 
 
 def test_run_leaves_the_input_alone_and_optimizes() -> None:
@@ -116,8 +117,11 @@ def test_verify_each_names_the_pass(bad_passes) -> None:
 
 
 def test_verify_each_checks_the_input() -> None:
-    bad = parse_module(TEXT.replace("%1 = linear(%0, %w) : f32[B,8]", "%1 = linear(%0, %w) : f32[B,9]")
-                       .replace("%2 = exp(%1) : f32[B,8]", "%2 = exp(%1) : f32[B,9]"))
+    bad = parse_module(
+        TEXT.replace("%1 = linear(%0, %w) : f32[B,8]", "%1 = linear(%0, %w) : f32[B,9]").replace(
+            "%2 = exp(%1) : f32[B,8]", "%2 = exp(%1) : f32[B,9]"
+        )
+    )
     with pytest.raises(VerifyError, match="invalid before the pipeline"):
         PassManager("cse", verify_each=True).run(bad)
 

@@ -72,8 +72,9 @@ def test_full_pipeline_with_instrumentation(m) -> None:
     pipeline = "canonicalize,cse,constant-fold,canonicalize,dce"
     if bind:
         pipeline += f',shape-inference{{bind="{bind}"}}'
-    out = PassManager(pipeline, verify_each=True, check_numerics=True, numerics_env=strategies.ENV,
-                      numerics_tol=0.0).run(m)
+    out = PassManager(
+        pipeline, verify_each=True, check_numerics=True, numerics_env=strategies.ENV, numerics_tol=0.0
+    ).run(m)
     assert all(a.type.is_static for a in out.main.args)
     used = {v for op in out.main.body for v in op.operands} | set(out.main.results)
     assert all(any(r in used for r in op.results) for op in out.main.body)  # dce ran last: nothing dead

@@ -8,8 +8,15 @@ from r1c.ir import DType, Module
 from r1c.passes import PipelineError, all_passes, get_pass, parse_pipeline, registry
 
 
-def _typed_pass(module: Module, *, block: int = 64, scale: float = 0.5, flag: bool = False,
-                mode: str = "fast", dtype: DType = DType.int8) -> Module:
+def _typed_pass(
+    module: Module,
+    *,
+    block: int = 64,
+    scale: float = 0.5,
+    flag: bool = False,
+    mode: str = "fast",
+    dtype: DType = DType.int8,
+) -> Module:
     return module
 
 
@@ -20,8 +27,9 @@ def _required_pass(module: Module, *, stages: int) -> Module:
 @pytest.fixture
 def test_passes(monkeypatch):
     for name, fn in [("typed-test", _typed_pass), ("required-test", _required_pass)]:
-        monkeypatch.setitem(registry._PASSES, name,
-                            registry.PassInfo(name, "test pass", fn, registry._options_of(name, fn)))
+        monkeypatch.setitem(
+            registry._PASSES, name, registry.PassInfo(name, "test pass", fn, registry._options_of(name, fn))
+        )
 
 
 def test_builtin_passes_are_listed_with_options() -> None:
@@ -49,22 +57,25 @@ def test_options_are_typed(test_passes) -> None:
     assert str(info.options["dtype"]) == "dtype: dtype = 'int8'"
 
 
-@pytest.mark.parametrize("text, fragments", [
-    ("typed-test{block=1.5}", ["pipeline:1:12", "option 'block'", "must be int", "'1.5'"]),
-    ("typed-test{flag=yes}", ["pipeline:1:12", "option 'flag'", "must be bool", "'yes'"]),
-    ("typed-test{dtype=int9}", ["pipeline:1:12", "must be a dtype name", "int8", "'int9'"]),
-    ("typed-test{scale=fast}", ["option 'scale'", "must be float"]),
-    ("typed-test{blok=1}", ["pipeline:1:12", "no option 'blok'", "did you mean 'block'"]),
-    ("typed-test{block=1,block=2}", ["pipeline:1:20", "given twice"]),
-    ("required-test", ["pipeline:1:1", "needs option 'stages'", "int (required)"]),
-    ("cse,canonicalise", ["pipeline:1:5", "unknown pass 'canonicalise'", "did you mean 'canonicalize'"]),
-    ("cse,,dce", ["pipeline:1:5", "expected a pass name, got ','"]),
-    ("cse dce", ["pipeline:1:5", "expected ',' between passes"]),
-    ("typed-test{block=1", ["pipeline:1:19", "expected ',' between options, got end of pipeline"]),
-    ('shape-inference{bind="B=1}', ["pipeline:1:22", "unterminated string"]),
-    ("typed-test{=1}", ["pipeline:1:12", "expected an option name"]),
-    ("typed-test{block}", ["pipeline:1:17", "expected '=' after option 'block'"]),
-])
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("typed-test{block=1.5}", ["pipeline:1:12", "option 'block'", "must be int", "'1.5'"]),
+        ("typed-test{flag=yes}", ["pipeline:1:12", "option 'flag'", "must be bool", "'yes'"]),
+        ("typed-test{dtype=int9}", ["pipeline:1:12", "must be a dtype name", "int8", "'int9'"]),
+        ("typed-test{scale=fast}", ["option 'scale'", "must be float"]),
+        ("typed-test{blok=1}", ["pipeline:1:12", "no option 'blok'", "did you mean 'block'"]),
+        ("typed-test{block=1,block=2}", ["pipeline:1:20", "given twice"]),
+        ("required-test", ["pipeline:1:1", "needs option 'stages'", "int (required)"]),
+        ("cse,canonicalise", ["pipeline:1:5", "unknown pass 'canonicalise'", "did you mean 'canonicalize'"]),
+        ("cse,,dce", ["pipeline:1:5", "expected a pass name, got ','"]),
+        ("cse dce", ["pipeline:1:5", "expected ',' between passes"]),
+        ("typed-test{block=1", ["pipeline:1:19", "expected ',' between options, got end of pipeline"]),
+        ('shape-inference{bind="B=1}', ["pipeline:1:22", "unterminated string"]),
+        ("typed-test{=1}", ["pipeline:1:12", "expected an option name"]),
+        ("typed-test{block}", ["pipeline:1:17", "expected '=' after option 'block'"]),
+    ],
+)
 def test_pipeline_errors(test_passes, text: str, fragments: list[str]) -> None:
     with pytest.raises(PipelineError) as info:
         parse_pipeline(text)
