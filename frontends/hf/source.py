@@ -38,19 +38,15 @@ def model_source(
         if not _NAME.fullmatch(key):
             raise ValueError(f"config constant name {key!r} is not an identifier")
         lines.append(f"  {key.ljust(width)} = {_literal(key, value)}")
-    # A tied head declares the embedding's own parameter (same name and shape), so both read one tensor.
-    head_path = "model.embed_tokens" if config.get("tie_embeddings") else "lm_head"
     lines += [
         "}",
         "",
         "func forward(tokens: int32[B, S]) {",
-        "  x = embed(tokens) as model.embed_tokens",
-        "  positions = iota(tokens, axis=1)",
-        "  repeat i in 0..num_layers {",
-        "    x = decoder_layer(x, positions, i) as model.layers[i]",
-        "  }",
-        "  x = rms_norm(x, hidden_size) as model.norm",
-        f"  return lm_head(x) as {head_path}",
+        "  return causal_lm(tokens)",
+        "}",
+        "",
+        "func loss(tokens: int32[B, S], labels: int32[B, S]) {",
+        "  return lm_loss(tokens, labels)",
         "}",
         "",
     ]

@@ -134,6 +134,22 @@ def test_logits_match_hf(case: str, tmp_path: Path) -> None:
     assert rel_err(out, ref) < 1e-4
 
 
+def test_loss_matches_hf(tmp_path: Path) -> None:
+    """`func loss` is the mean next-token cross-entropy HF computes from its logits (ignored positions skipped)."""
+    model = hf_model("v3")
+    model.save_pretrained(tmp_path)
+    module, weights = load_hf(tmp_path)
+    tokens = random_tokens(module.attrs["vocab_size"], seed=5)
+    labels = np.concatenate([tokens[:, 1:], np.full((2, 1), -100, np.int32)], axis=1)
+    labels[0, 2] = -100
+    logits = torch.tensor(hf_logits(model, tokens))
+    ref = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), torch.tensor(labels).long().flatten(), ignore_index=-100
+    )
+    (out,) = run(module, [tokens, labels], weights, function="loss")
+    assert abs(float(out) - float(ref)) / float(ref) < 1e-5
+
+
 def test_score_correction_bias_changes_routing(tmp_path: Path) -> None:
     """The exactness cases would catch a dropped bias: without it the logits move far past the tolerance."""
     model = hf_model("v3")
