@@ -25,8 +25,9 @@ def freeze_attr(v: Any) -> Attr:
         return v
     if isinstance(v, (list, tuple)):
         frozen = tuple(freeze_attr(x) for x in v)
-        if any(isinstance(x, str) for x in frozen) and all(
-            isinstance(x, (int, str)) and not isinstance(x, bool) for x in frozen
+        # Only a genuine mix is ambiguous (a shape half-wrapped); all-string tuples are lists of names.
+        if any(isinstance(x, str) for x in frozen) and any(
+            isinstance(x, int) and not isinstance(x, bool) for x in frozen
         ):
             raise TypeError("a list mixing ints and strings is ambiguous: wrap shape lists in DimList")
         return frozen

@@ -80,12 +80,37 @@ def symbols(d: Dim) -> set[str]:
     return set(_factor(d)[1]) if isinstance(d, str) else set()
 
 
+_CEIL_DIV = re.compile(r"(?P<base>[A-Za-z0-9_]+?)_cdiv(?P<block>[0-9]+)")
+
+
+def ceil_div(d: Dim, block: int) -> Dim:
+    """ceil(d / block). A symbolic d gives its exact quotient when `block` divides it (S*128 / 64 = S*2), else
+    the derived symbol `S_cdiv64` (`B__S_cdiv64` for B*S): a function of the symbols in its name, so
+    `evaluate` computes it from them and two types of the same sequence agree."""
+    if isinstance(d, int):
+        return -(-d // block)
+    try:
+        return div(d, block)
+    except DimError:
+        return f"{d.replace('*', '__')}_cdiv{block}"
+
+
+def _symbol_value(s: str, env: dict[str, int]) -> int:
+    if s in env:
+        return env[s]
+    derived = _CEIL_DIV.fullmatch(s)
+    if derived:
+        base = 1
+        for part in derived["base"].split("__"):
+            base *= int(part) if part.isdigit() else _symbol_value(part, env)
+        return -(-base // int(derived["block"]))
+    raise DimError(f"no value bound for symbolic dimension {s!r}")
+
+
 def evaluate(d: Dim, env: dict[str, int]) -> int:
     coeff, syms = _factor(d)
     for s, n in syms.items():
-        if s not in env:
-            raise DimError(f"no value bound for symbolic dimension {s!r}")
-        coeff *= env[s] ** n
+        coeff *= _symbol_value(s, env) ** n
     return coeff
 
 

@@ -1,6 +1,17 @@
 """r1c.passes: the pass registry, textual pipelines, the pass manager, and the built-in passes."""
 
-from r1c.passes import canonicalize, constant_fold, cse, dce, shape_inference  # noqa: F401  (register passes)
+from r1c.passes import (  # noqa: F401  (register passes)
+    canonicalize,
+    constant_fold,
+    cse,
+    dce,
+    expert_fusion,
+    grad,
+    kv_quant,
+    pipeline_partition,
+    shape_inference,
+    sparse_attention_tiling,
+)
 from r1c.passes.manager import PassManager, run_pipeline
 from r1c.passes.numerics import NumericsError, compare_modules
 from r1c.passes.pipeline import parse_pipeline

@@ -75,12 +75,21 @@ class OptionInfo:
             raise PipelineError(f"{where} must be {self._kind()}{extra}, got {text!r}") from None
 
 
+# A lossy pass's numerics allowance, from its typed options: the max relative error it may add.
+Tolerance = Callable[[dict[str, Any]], float]
+
+
 @dataclass(frozen=True)
 class PassInfo:
     name: str
     description: str
     fn: PassFn
     options: dict[str, OptionInfo]
+    tolerance: Tolerance | None = None  # None: the pass is exact (the global numerics tolerance applies)
+
+    def tolerance_for(self, options: dict[str, Any]) -> float:
+        """The relative error this pass may add with these options (0 for an exact pass)."""
+        return self.tolerance(self.bind_options(options)) if self.tolerance else 0.0
 
     def bind_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Typed, complete options for a call: unknown, ill-typed and missing options are PipelineErrors."""
@@ -126,11 +135,14 @@ def _options_of(name: str, fn: PassFn) -> dict[str, OptionInfo]:
     return options
 
 
-def register_pass(name: str, description: str) -> Callable[[PassFn], PassFn]:
+def register_pass(name: str, description: str, tolerance: Tolerance | None = None) -> Callable[[PassFn], PassFn]:
+    """`tolerance` (lossy passes only): options -> the max relative error the pass may add, which the
+    pass manager's numerics check allows on top of its global tolerance."""
+
     def wrap(fn: PassFn) -> PassFn:
         if name in _PASSES:
             raise ValueError(f"pass '{name}' is registered twice")
-        _PASSES[name] = PassInfo(name, description, fn, _options_of(name, fn))
+        _PASSES[name] = PassInfo(name, description, fn, _options_of(name, fn), tolerance)
         return fn
 
     return wrap

@@ -13,7 +13,7 @@ import traceback
 from typing import Sequence
 
 import r1c
-from r1c import cli_inspect, cli_model, cli_opt
+from r1c import cli_inspect, cli_model, cli_opt, cli_partition, cli_train
 
 COMMANDS = (
     cli_model.add_compile,
@@ -22,6 +22,8 @@ COMMANDS = (
     cli_opt.add_passes,
     cli_inspect.add_stats,
     cli_inspect.add_viz,
+    cli_partition.add_partition,
+    cli_train.add_train,
 )
 
 

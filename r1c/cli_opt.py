@@ -35,6 +35,9 @@ def add_opt(sub: argparse._SubParsersAction) -> None:
         metavar="PASS",
         help="print the IR after this pass (repeatable)",
     )
+    p.add_argument(
+        "--print-changed", action="store_true", help="print what each pass changed, as a unified diff of the IR"
+    )
     p.add_argument("--verify-each", action="store_true", help="run the verifier after every pass")
     p.add_argument("--time-passes", action="store_true", help="print the time each pass took")
     p.add_argument(
@@ -57,6 +60,7 @@ def run_opt(args: argparse.Namespace) -> int:
         args.passes,
         verify_each=args.verify_each,
         print_ir_after=print_after,
+        print_changed=args.print_changed,
         time_passes=args.time_passes,
         check_numerics=args.check_numerics,
         out=sys.stderr,

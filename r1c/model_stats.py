@@ -81,7 +81,7 @@ def layer_of(loc: str | None) -> str:
     return loc
 
 
-def _source_param(v: Value, producers: dict[Value, Op]) -> str | None:
+def source_param(v: Value, producers: dict[Value, Op]) -> str | None:
     op = producers.get(v)
     while op is not None and op.name in _VIEW_OPS:
         op = producers.get(op.operands[0])
@@ -106,7 +106,7 @@ def _param_fractions(m: Module, f: Function) -> tuple[dict[str, Fraction], set[s
             if not isinstance(k, int) or not isinstance(e, int):
                 raise StatsError(f"moe_experts at {op.loc or '?'}: top-k {k} and expert count {e} must be static")
         for i, v in enumerate(op.operands):
-            name = _source_param(v, producers)
+            name = source_param(v, producers)
             if op.name == "moe_experts" and i >= 3:
                 if name is None:
                     raise StatsError(
@@ -130,7 +130,7 @@ def _param_layers(f: Function) -> dict[str, str]:
         if op.name in _VIEW_OPS or op.name == "param":
             continue
         for v in op.operands:
-            name = _source_param(v, producers)
+            name = source_param(v, producers)
             if name is not None and name not in out:
                 out[name] = layer_of(op.loc)
     return out
@@ -138,6 +138,14 @@ def _param_layers(f: Function) -> dict[str, str]:
 
 def _concrete(t: TensorType, env: dict[str, int]) -> TensorType:
     return TensorType(t.dtype, t.concrete(env))
+
+
+def op_cost(op: Op, env: dict[str, int]) -> registry.Cost:
+    """`op`'s cost rule on its types with the symbolic dims bound by `env` (shared with pipeline-partition)."""
+    attrs = {k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v for k, v in op.attrs.items()}
+    return registry.get(op.name).cost(
+        [_concrete(v.type, env) for v in op.operands], [_concrete(r.type, env) for r in op.results], attrs
+    )
 
 
 def compute(m: Module, seq: int = 4096, batch: int = 1, function: str | None = None) -> ModelStats:
@@ -156,12 +164,7 @@ def compute(m: Module, seq: int = 4096, batch: int = 1, function: str | None = N
     for op in f.body:
         if op.name == "param":
             continue
-        attrs = {
-            k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v for k, v in op.attrs.items()
-        }
-        cost = registry.get(op.name).cost(
-            [_concrete(v.type, env) for v in op.operands], [_concrete(r.type, env) for r in op.results], attrs
-        )
+        cost = op_cost(op, env)
         row = by_op[op.name]
         row[0], row[1], row[2] = row[0] + 1, row[1] + cost.flops, row[2] + cost.bytes
         lrow = layer_ops[layer_of(op.loc)]
@@ -203,4 +206,4 @@ def compute(m: Module, seq: int = 4096, batch: int = 1, function: str | None = N
     )
 
 
-__all__ = ["LayerRow", "ModelStats", "OpKindRow", "StatsError", "compute", "layer_of"]
+__all__ = ["LayerRow", "ModelStats", "OpKindRow", "StatsError", "compute", "layer_of", "op_cost", "source_param"]

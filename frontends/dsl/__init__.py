@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from r1c.build import ModuleBuilder
-from r1c.frontends.dsl.config import evaluate_config
+from r1c.frontends.dsl.config import evaluate_config, evaluate_train
 from r1c.frontends.dsl.errors import DSLError, Pos, SourceFile
 from r1c.frontends.dsl.lower import Lowerer, reserved_names
 from r1c.frontends.dsl.program import gather, stdlib_dir
@@ -45,7 +45,8 @@ def _compile(
     main = parse(text, filename)
     prog = gather(main, path, search_path, reserved_names())
     config = evaluate_config(prog, dict(overrides or {}), SourceFile(filename, text))
-    mb = ModuleBuilder(main.model[0] if main.model else _module_name(filename), config)
+    attrs = {**config, **evaluate_train(prog, config)}
+    mb = ModuleBuilder(main.model[0] if main.model else _module_name(filename), attrs)
     lowerer = Lowerer(prog, config, mb)
     if not prog.funcs:
         raise DSLError(

@@ -67,3 +67,28 @@ def _override(entry: n.ConfigEntry, declared: Any, value: object) -> Any:
             hint=f"pass a {_kind(declared)}",
         )
     return value
+
+
+def evaluate_train(prog: Program, config: dict[str, Any]) -> dict[str, Any]:
+    """The `train { }` entries as module attrs `train.<key>`; values may use config constants."""
+    from r1c.train.config import ATTR_PREFIX, TrainConfig, TrainConfigError, check_value, suggest
+
+    lowerer = Lowerer(prog, config, None)
+    out: dict[str, Any] = {}
+    for entry in prog.main.train:
+        key = ATTR_PREFIX + entry.name
+        if key in out:
+            raise DSLError(f"train setting '{entry.name}' is given twice", entry.pos, hint="keep one")
+        if entry.name not in TrainConfig.__dataclass_fields__:
+            raise DSLError(f"unknown train setting '{entry.name}'", entry.pos, hint=suggest(entry.name))
+        try:
+            out[key] = check_value(entry.name, lowerer.eval(entry.expr, Frame({})))
+        except TrainConfigError as e:
+            raise DSLError(str(e), entry.expr.pos, hint="see docs/dsl.md, `train { }`") from None
+    try:
+        TrainConfig.from_attrs(out)
+    except TrainConfigError as e:  # e.g. optimizer = "adam": a value outside its choices
+        pos = prog.main.train_pos
+        bad = next((c for c in prog.main.train if f"train.{c.name} " in str(e)), None)
+        raise DSLError(str(e), bad.expr.pos if bad else pos, hint="see docs/dsl.md, `train { }`") from None
+    return out

@@ -208,6 +208,8 @@ class File:
     model: tuple[str, Pos] | None = None
     config_pos: Pos | None = None
     config: list[ConfigEntry] = field(default_factory=list)
+    train_pos: Pos | None = None
+    train: list[ConfigEntry] = field(default_factory=list)  # `train { }`: module attrs `train.<key>`
     imports: list[Import] = field(default_factory=list)
     blocks: list[Callable] = field(default_factory=list)
     funcs: list[Callable] = field(default_factory=list)

@@ -68,7 +68,7 @@ def gather(main: n.File, main_path: Path | None, search_path: list[Path], reserv
             if sub.model_items:
                 raise DSLError(
                     f"an imported file may hold only blocks and imports, but {found.name} has "
-                    f"`model`, `config` or `func`",
+                    f"`model`, `config`, `train` or `func`",
                     sub.model_items[0],
                     hint="move config and funcs to the model file",
                 )

@@ -210,6 +210,15 @@ class _ToNodes(Transformer):
                     raise DSLError("`model` is given twice", it[2], hint=f"the first one is at line {f.model[1].line}")
                 f.model = (it[1], it[2])
                 f.model_items.append(it[2])
+            elif it[0] == "train":
+                if f.train_pos is not None:
+                    raise DSLError(
+                        "a second `train` section",
+                        it[1],
+                        hint=f"put all training settings in the section at line {f.train_pos.line}",
+                    )
+                f.train_pos, f.train = it[1], it[2]
+                f.model_items.append(it[1])
             else:
                 if f.config_pos is not None:
                     raise DSLError(
@@ -229,6 +238,9 @@ class _ToNodes(Transformer):
 
     def config_decl(self, meta, *entries):
         return ("config", self._pos(meta), list(entries))
+
+    def train_decl(self, meta, *entries):
+        return ("train", self._pos(meta), list(entries))
 
     def config_entry(self, meta, name, expr):
         return n.ConfigEntry(self._tpos(name), str(name), expr)

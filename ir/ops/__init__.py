@@ -1,3 +1,18 @@
 """Importing this package registers every op (one module per family)."""
 
-from r1c.ir.ops import attention, elementwise, linalg, moe, nn, reduce, shape, structure  # noqa: F401
+from r1c.ir.ops import (  # noqa: F401
+    attention,
+    attention_tiled,
+    backward,
+    dsa,
+    elementwise,
+    linalg,
+    moe,
+    moe_fused,
+    nn,
+    optim,
+    quant,
+    reduce,
+    shape,
+    structure,
+)

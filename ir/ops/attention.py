@@ -42,10 +42,8 @@ def attention_mask(sq: int, skv: int, causal: bool, window: int, sinks: int) -> 
     return mask
 
 
-def _attention_ref(ins, a):
-    q, k, v = (t.astype(np.float64) for t in ins)
-    rep = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+def attention_probs(q: np.ndarray, k: np.ndarray, a: dict) -> np.ndarray:
+    """softmax(q k^T * scale + mask) [B, H, Sq, Skv], k already repeated to q's heads."""
     s = np.einsum("bhqd,bhkd->bhqk", q, k) * a["scale"]
     mask = attention_mask(q.shape[2], k.shape[2], a["causal"], a["window"], a["sinks"])
     s = np.where(mask, s, -np.inf)
@@ -53,8 +51,14 @@ def _attention_ref(ins, a):
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m)
     denom = p.sum(axis=-1, keepdims=True)
-    p = np.divide(p, denom, out=np.zeros_like(p), where=denom > 0)  # a fully masked row gives zeros, not NaN
-    return [np.einsum("bhqk,bhkd->bhqd", p, v)]
+    return np.divide(p, denom, out=np.zeros_like(p), where=denom > 0)  # a fully masked row gives zeros, not NaN
+
+
+def _attention_ref(ins, a):
+    q, k, v = (t.astype(np.float64) for t in ins)
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    return [np.einsum("bhqk,bhkd->bhqd", attention_probs(q, k, a), v)]
 
 
 def visible_pairs(sq: int, skv: int, causal: bool, window: int, sinks: int) -> int:
@@ -78,6 +82,13 @@ def _attention_cost(ins, outs, a):
     return Cost(2 * b * h * visible * (dk + dv), bytes_of(ins) + bytes_of(outs))
 
 
+def _attention_vjp(fb, op, cts):
+    (g,) = cts
+    if g is None:
+        return [None, None, None]
+    return list(fb.attention_grad(*op.operands, g, **op.attrs))
+
+
 register(
     OpDef(
         "attention",
@@ -94,5 +105,6 @@ register(
             "window": AttrSpec("int", 0),
             "sinks": AttrSpec("int", 0),
         },
+        vjp=_attention_vjp,
     )
 )

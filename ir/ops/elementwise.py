@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 
+from r1c.ir.core import Value
 from r1c.ir.ops._util import broadcast_shapes, require_float, same_dtype
+from r1c.ir.ops.grad_util import is_float, no_grad, scalar, unbroadcast
 from r1c.ir.registry import OpDef, OpError, elementwise_cost, register
 from r1c.ir.types import DType, TensorType
 
@@ -48,13 +50,69 @@ def _unary_rule(name: str):
     return rule
 
 
+def _sign(fb, x):
+    """sign(x) as x's dtype (0 at 0, as torch's abs gradient)."""
+    return fb.sub(
+        fb.cast(fb.gt(x, scalar(fb, 0.0, x.type.dtype)), dtype=x.type.dtype),
+        fb.cast(fb.lt(x, scalar(fb, 0.0, x.type.dtype)), dtype=x.type.dtype),
+    )
+
+
+def _silu_slope(fb, x):
+    """d silu(x)/dx = s * (1 + x * (1 - s)) with s = sigmoid(x)."""
+    s = fb.sigmoid(x)
+    one = scalar(fb, 1.0, x.type.dtype)
+    return fb.mul(s, fb.add(one, fb.mul(x, fb.sub(one, s))))
+
+
+# d y / d x for each unary op as a function of (fb, x, y); the rule multiplies it by the cotangent.
+UNARY_SLOPE = {
+    "exp": lambda fb, x, y: y,
+    "log": lambda fb, x, y: fb.reciprocal(x),
+    "sqrt": lambda fb, x, y: fb.div(scalar(fb, 0.5, x.type.dtype), y),
+    "rsqrt": lambda fb, x, y: fb.mul(fb.div(y, x), scalar(fb, -0.5, x.type.dtype)),
+    "reciprocal": lambda fb, x, y: fb.neg(fb.square(y)),
+    "abs": lambda fb, x, y: _sign(fb, x),
+    "square": lambda fb, x, y: fb.mul(x, scalar(fb, 2.0, x.type.dtype)),
+    "tanh": lambda fb, x, y: fb.sub(scalar(fb, 1.0, x.type.dtype), fb.square(y)),
+    "sigmoid": lambda fb, x, y: fb.mul(y, fb.sub(scalar(fb, 1.0, x.type.dtype), y)),
+    "silu": lambda fb, x, y: _silu_slope(fb, x),
+    "relu": lambda fb, x, y: fb.cast(fb.gt(x, scalar(fb, 0.0, x.type.dtype)), dtype=x.type.dtype),
+    "softplus": lambda fb, x, y: fb.sigmoid(x),
+    "sin": lambda fb, x, y: fb.cos(x),
+    "cos": lambda fb, x, y: fb.neg(fb.sin(x)),
+}
+
+
+def _unary_vjp(name: str):
+    def vjp(fb, op, cts):
+        (x,), (g,) = op.operands, cts
+        if g is None or not is_float(x):
+            return [None]
+        if name == "neg":
+            return [fb.neg(g)]
+        if name == "gelu":  # the slope needs erf, which only the dedicated backward op has
+            return [fb.gelu_grad(x, g)]
+        return [fb.mul(g, UNARY_SLOPE[name](fb, x, op.result))]
+
+    return vjp
+
+
 def _float_ref(fn):
     return lambda ins, a: [fn(ins[0].astype(np.float64) if ins[0].dtype.kind == "f" else ins[0])]
 
 
 for _name, (_fn, _flops, _doc) in UNARY.items():
     register(
-        OpDef(_name, f"Elementwise {_doc}.", ("x",), _unary_rule(_name), _float_ref(_fn), elementwise_cost(_flops))
+        OpDef(
+            _name,
+            f"Elementwise {_doc}.",
+            ("x",),
+            _unary_rule(_name),
+            _float_ref(_fn),
+            elementwise_cost(_flops),
+            vjp=_unary_vjp(_name),
+        )
     )
 
 
@@ -90,6 +148,45 @@ def _binary_ref(fn):
     return ref
 
 
+def _tie_share(fb, a, b, wins: str):
+    """Share of the cotangent that `a` gets in maximum/minimum: 1 where it wins, 1/2 on ties (as torch)."""
+    dt = a.type.dtype
+    won = fb.cast(fb.op(wins, a, b), dtype=dt)
+    tie = fb.cast(fb.eq(a, b), dtype=dt)
+    return fb.add(won, fb.mul(tie, scalar(fb, 0.5, dt)))
+
+
+def _binary_grads(name: str, fb, a: Value, b: Value, y: Value, g: Value) -> tuple[Value, Value]:
+    """Cotangents of (a, b) before unbroadcasting: they have the broadcast shape of g."""
+    if name == "add":
+        return g, g
+    if name == "sub":
+        return g, fb.neg(g)
+    if name == "mul":
+        return fb.mul(g, b), fb.mul(g, a)
+    if name == "div":
+        return fb.div(g, b), fb.neg(fb.mul(g, fb.div(y, b)))
+    if name == "pow":
+        da = fb.mul(g, fb.mul(b, fb.pow(a, fb.sub(b, scalar(fb, 1.0, b.type.dtype)))))
+        return da, fb.mul(g, fb.mul(y, fb.log(a)))
+    if name in ("maximum", "minimum"):
+        wins = "gt" if name == "maximum" else "lt"
+        return fb.mul(g, _tie_share(fb, a, b, wins)), fb.mul(g, _tie_share(fb, b, a, wins))
+    raise KeyError(name)
+
+
+def _binary_vjp(name: str):
+    def vjp(fb, op, cts):
+        a, b = op.operands
+        (g,) = cts
+        if g is None or not is_float(a):
+            return [None, None]
+        ga, gb = _binary_grads(name, fb, a, b, op.result, g)
+        return [unbroadcast(fb, ga, a.type), unbroadcast(fb, gb, b.type)]
+
+    return vjp
+
+
 for _name, (_fn, _doc) in BINARY.items():
     register(
         OpDef(
@@ -99,6 +196,7 @@ for _name, (_fn, _doc) in BINARY.items():
             _binary_rule(_name),
             _binary_ref(_fn),
             elementwise_cost(1),
+            vjp=_binary_vjp(_name),
         )
     )
 
@@ -119,6 +217,7 @@ for _name, _fn in COMPARE.items():
             _binary_rule(_name, DType.bool),
             _binary_ref(_fn),
             elementwise_cost(1),
+            vjp=no_grad,
         )
     )
 
@@ -141,6 +240,7 @@ register(
         _logical_rule("logical_and"),
         lambda ins, a: [np.logical_and(*ins)],
         elementwise_cost(1),
+        vjp=no_grad,
     )
 )
 register(
@@ -151,6 +251,7 @@ register(
         _logical_rule("logical_or"),
         lambda ins, a: [np.logical_or(*ins)],
         elementwise_cost(1),
+        vjp=no_grad,
     )
 )
 register(
@@ -161,8 +262,18 @@ register(
         _logical_rule("logical_not"),
         lambda ins, a: [np.logical_not(ins[0])],
         elementwise_cost(1),
+        vjp=no_grad,
     )
 )
+
+
+def _where_vjp(fb, op, cts):
+    cond, a, b = op.operands
+    (g,) = cts
+    if g is None or not is_float(a):
+        return [None, None, None]
+    zero = scalar(fb, 0.0, g.type.dtype)
+    return [None, unbroadcast(fb, fb.where(cond, g, zero), a.type), unbroadcast(fb, fb.where(cond, zero, g), b.type)]
 
 
 def _where_rule(ins, a):
@@ -181,6 +292,7 @@ register(
         _where_rule,
         lambda ins, a: [np.where(*ins)],
         elementwise_cost(1),
+        vjp=_where_vjp,
     )
 )
 
@@ -191,6 +303,15 @@ def _swiglu_rule(ins, a):
     return [TensorType(same_dtype("swiglu", ins), broadcast_shapes("swiglu", ins[0].shape, ins[1].shape))]
 
 
+def _swiglu_vjp(fb, op, cts):
+    gate, up = op.operands
+    (g,) = cts
+    if g is None:
+        return [None, None]
+    dgate = fb.mul(fb.mul(g, up), _silu_slope(fb, gate))
+    return [unbroadcast(fb, dgate, gate.type), unbroadcast(fb, fb.mul(g, fb.silu(gate)), up.type)]
+
+
 register(
     OpDef(
         "swiglu",
@@ -199,5 +320,6 @@ register(
         _swiglu_rule,
         _binary_ref(lambda g, u: g * _sigmoid(g) * u),
         elementwise_cost(6),
+        vjp=_swiglu_vjp,
     )
 )

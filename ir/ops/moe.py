@@ -54,6 +54,14 @@ def _moe_cost(ins, outs, a):
     return Cost(t * k * (6 * f * d + 6 * f), bytes_of([x, idx, w]) + weight_bytes + bytes_of(outs))
 
 
+def _moe_vjp(fb, op, cts):
+    (g,) = cts
+    if g is None:
+        return [None] * 6
+    dx, dw, dwg, dwu, dwd = fb.moe_experts_grad(*op.operands, g)
+    return [dx, None, dw, dwg, dwu, dwd]
+
+
 register(
     OpDef(
         "moe_experts",
@@ -63,5 +71,6 @@ register(
         _moe_rule,
         _moe_ref,
         _moe_cost,
+        vjp=_moe_vjp,
     )
 )

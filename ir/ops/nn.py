@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from r1c.ir.ops._util import require_float, require_int, require_rank, same_dim
+from r1c.ir.ops.grad_util import zeros
 from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, per_input_cost, register
 from r1c.ir.types import DType, TensorType
 
@@ -25,6 +26,14 @@ def _embedding_ref(ins, a):
     return [table[ids.astype(np.int64)]]
 
 
+def _embedding_vjp(fb, op, cts):
+    table, ids = op.operands
+    (g,) = cts
+    if g is None:
+        return [None, None]
+    return [fb.index_add(zeros(fb, table.type), ids, g, axis=0), None]
+
+
 register(
     OpDef(
         "embedding",
@@ -33,6 +42,7 @@ register(
         _embedding_rule,
         _embedding_ref,
         lambda ins, outs, a: Cost(0, bytes_of(ins[1:]) + 2 * bytes_of(outs)),
+        vjp=_embedding_vjp,
     )
 )
 
@@ -50,6 +60,13 @@ def _rmsnorm_ref(ins, a):
     return [w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + a["eps"]))]
 
 
+def _rmsnorm_vjp(fb, op, cts):
+    (g,) = cts
+    if g is None:
+        return [None, None]
+    return list(fb.rmsnorm_grad(*op.operands, g, eps=op.attrs["eps"]))
+
+
 register(
     OpDef(
         "rmsnorm",
@@ -59,6 +76,7 @@ register(
         _rmsnorm_ref,
         per_input_cost(4),
         {"eps": AttrSpec("float", 1e-6)},
+        vjp=_rmsnorm_vjp,
     )
 )
 
@@ -104,13 +122,18 @@ def _rope_rule(ins, a):
     return [x]
 
 
+def rope_cos_sin(dim: int, pos: np.ndarray, a: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled cos and sin of the rotation angles, shaped [B, S, 1, dim/2] to broadcast over heads."""
+    inv, scale = rope_inv_freq(dim, a)
+    # HF computes angles in float32; so do we, or large positions drift apart.
+    angles = (pos.astype(np.float32)[..., None] * inv.astype(np.float32)).astype(np.float64)  # [B, S, D/2]
+    return (np.cos(angles) * scale)[:, :, None, :], (np.sin(angles) * scale)[:, :, None, :]
+
+
 def _rope_ref(ins, a):
     x, pos = ins
     x = x.astype(np.float64)
-    inv, scale = rope_inv_freq(x.shape[-1], a)
-    # HF computes angles in float32; so do we, or large positions drift apart.
-    angles = (pos.astype(np.float32)[..., None] * inv.astype(np.float32)).astype(np.float64)  # [B, S, D/2]
-    cos, sin = (np.cos(angles) * scale)[:, :, None, :], (np.sin(angles) * scale)[:, :, None, :]
+    cos, sin = rope_cos_sin(x.shape[-1], pos, a)
     if a["interleaved"]:
         # Pairs (x0,x1),(x2,x3),... rotate together; the result is laid out [evens | odds] like DeepSeek-V3 in HF.
         x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -118,6 +141,13 @@ def _rope_ref(ins, a):
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
     return [np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)]
+
+
+def _rope_vjp(fb, op, cts):
+    (g,) = cts
+    if g is None:
+        return [None, None]
+    return [fb.rope_grad(g, op.operands[1], **op.attrs), None]
 
 
 register(
@@ -139,6 +169,7 @@ register(
             "mscale": AttrSpec("float", 1.0),
             "mscale_all_dim": AttrSpec("float", 0.0),
         },
+        vjp=_rope_vjp,
     )
 )
 
@@ -171,6 +202,13 @@ def _xent_ref(ins, a):
     return [-picked.mean()]
 
 
+def _xent_vjp(fb, op, cts):
+    (g,) = cts
+    if g is None:
+        return [None, None]
+    return [fb.cross_entropy_grad(*op.operands, g, **op.attrs), None]
+
+
 register(
     OpDef(
         "cross_entropy",
@@ -181,5 +219,6 @@ register(
         _xent_ref,
         per_input_cost(5),
         {"ignore_index": AttrSpec("int", -100)},
+        vjp=_xent_vjp,
     )
 )

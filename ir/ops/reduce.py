@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from r1c.ir.ops._util import axis_of, require_float
+from r1c.ir.ops.grad_util import count, expand_reduced, is_float, no_grad, zeros
 from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, elementwise_cost, numel, per_input_cost, register
 from r1c.ir.types import DType, TensorType
 
@@ -33,6 +34,25 @@ def _reduce_rule(name: str):
     return rule
 
 
+def _reduce_vjp(name: str):
+    def vjp(fb, op, cts):
+        (x,), (g,) = op.operands, cts
+        if g is None or not is_float(x):
+            return [None]
+        axes = op.attrs["axes"]
+        spread = expand_reduced(fb, g, x.type, axes)
+        if name == "reduce_sum":
+            return [spread]
+        if name == "reduce_mean":
+            return [fb.div(spread, count(fb, x.type, axes))]
+        # max/min: like torch's amax/amin, ties share the cotangent evenly.
+        hit = fb.cast(fb.eq(x, expand_reduced(fb, op.result, x.type, axes)), dtype=x.type.dtype)
+        hits = fb.reduce_sum(hit, axes=axes, keepdims=True)
+        return [fb.mul(spread, fb.div(hit, hits))]
+
+    return vjp
+
+
 REDUCE = {"reduce_sum": np.sum, "reduce_mean": np.mean, "reduce_max": np.max, "reduce_min": np.min}
 for _name, _fn in REDUCE.items():
     register(
@@ -54,6 +74,7 @@ for _name, _fn in REDUCE.items():
             )(_fn),
             per_input_cost(1),
             {"axes": AttrSpec("ints"), "keepdims": AttrSpec("bool", False)},
+            vjp=_reduce_vjp(_name),
         )
     )
 
@@ -73,6 +94,7 @@ register(
         lambda ins, a: [np.argmax(ins[0], axis=a["axis"]).astype(np.int32)],
         per_input_cost(1),
         {"axis": AttrSpec("int", -1)},
+        vjp=no_grad,
     )
 )
 
@@ -100,6 +122,23 @@ def _log_softmax(x, axis):
     return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
 
 
+def _softmax_vjp(fb, op, cts):
+    (g,), y = cts, op.result
+    if g is None:
+        return [None]
+    axis = op.attrs["axis"]
+    dot = fb.reduce_sum(fb.mul(g, y), axes=(axis,), keepdims=True)
+    return [fb.mul(y, fb.sub(g, dot))]
+
+
+def _log_softmax_vjp(fb, op, cts):
+    (g,), y = cts, op.result
+    if g is None:
+        return [None]
+    total = fb.reduce_sum(g, axes=(op.attrs["axis"],), keepdims=True)
+    return [fb.sub(g, fb.mul(fb.exp(y), total))]
+
+
 register(
     OpDef(
         "softmax",
@@ -109,6 +148,7 @@ register(
         lambda ins, a: [_softmax(ins[0], a["axis"])],
         elementwise_cost(5),
         {"axis": AttrSpec("int", -1)},
+        vjp=_softmax_vjp,
     )
 )
 register(
@@ -120,6 +160,7 @@ register(
         lambda ins, a: [_log_softmax(ins[0], a["axis"])],
         elementwise_cost(5),
         {"axis": AttrSpec("int", -1)},
+        vjp=_log_softmax_vjp,
     )
 )
 
@@ -127,6 +168,16 @@ register(
 def _cumsum_rule(ins, a):
     axis_of(a["axis"], ins[0].rank, "cumsum")
     return [ins[0]]
+
+
+def _cumsum_vjp(fb, op, cts):
+    (x,), (g,) = op.operands, cts
+    if g is None or not is_float(x):
+        return [None]
+    # The reversed prefix sum: total - cumsum(g) + g (no flip op needed).
+    axis = op.attrs["axis"]
+    total = fb.reduce_sum(g, axes=(axis,), keepdims=True)
+    return [fb.add(fb.sub(total, fb.cumsum(g, axis=axis)), g)]
 
 
 register(
@@ -138,6 +189,7 @@ register(
         lambda ins, a: [np.cumsum(ins[0], axis=a["axis"])],
         elementwise_cost(1),
         {"axis": AttrSpec("int")},
+        vjp=_cumsum_vjp,
     )
 )
 
@@ -170,6 +222,13 @@ def _topk_cost(ins, outs, a):
     return Cost(n * max(1, int(np.ceil(np.log2(max(a["k"], 2))))), bytes_of(ins) + bytes_of(outs))
 
 
+def _topk_vjp(fb, op, cts):
+    (x,), (g, _) = op.operands, cts
+    if g is None:
+        return [None]
+    return [fb.scatter_add(zeros(fb, x.type), op.results[1], g, axis=op.attrs["axis"])]
+
+
 register(
     OpDef(
         "topk",
@@ -179,5 +238,6 @@ register(
         _topk_ref,
         _topk_cost,
         {"k": AttrSpec("int"), "axis": AttrSpec("int", -1), "largest": AttrSpec("bool", True)},
+        vjp=_topk_vjp,
     )
 )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from r1c.ir import dims
+from r1c.ir.core import DimList
 from r1c.ir.ops._util import axis_of, require_int, same_dim, same_dtype
+from r1c.ir.ops.grad_util import is_float, no_grad, unbroadcast, zeros
 from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, register, traffic_cost
 from r1c.ir.types import DType, TensorType
 
@@ -27,6 +29,22 @@ def _reshape_rule(ins, a):
     return [x.with_shape(tuple(target))]
 
 
+def _float_vjp(rule):
+    """Wrap a rule of a data-movement op: integer operands get no gradient, a None cotangent gives None."""
+
+    def vjp(fb, op, cts):
+        if cts[0] is None or not is_float(op.operands[0]):
+            return [None] * len(op.operands)
+        return rule(fb, op, cts[0])
+
+    return vjp
+
+
+@_float_vjp
+def _reshape_vjp(fb, op, g):
+    return [fb.reshape(g, shape=DimList(op.operands[0].type.shape))]
+
+
 register(
     OpDef(
         "reshape",
@@ -36,6 +54,7 @@ register(
         lambda ins, a: [ins[0].reshape(a["shape"])],
         lambda i, o, a: Cost(0, 0),
         {"shape": AttrSpec("dims")},
+        vjp=_reshape_vjp,
     )
 )
 
@@ -48,6 +67,12 @@ def _transpose_rule(ins, a):
     return [x.with_shape(tuple(x.shape[p] for p in perm))]
 
 
+@_float_vjp
+def _transpose_vjp(fb, op, g):
+    perm = [p % g.type.rank for p in op.attrs["perm"]]
+    return [fb.transpose(g, perm=tuple(perm.index(i) for i in range(len(perm))))]
+
+
 register(
     OpDef(
         "transpose",
@@ -57,6 +82,7 @@ register(
         lambda ins, a: [np.transpose(ins[0], a["perm"])],
         traffic_cost,
         {"perm": AttrSpec("ints")},
+        vjp=_transpose_vjp,
     )
 )
 
@@ -80,6 +106,16 @@ def _add_dims(ds):
     return sum(ds)
 
 
+@_float_vjp
+def _concat_vjp(fb, op, g):
+    axis, start, out = op.attrs["axis"], 0, []
+    for x in op.operands:
+        size = x.type.shape[axis]
+        out.append(fb.slice(g, axis=axis, start=start, stop=start + size))
+        start += size
+    return out
+
+
 register(
     OpDef(
         "concat",
@@ -89,6 +125,7 @@ register(
         lambda ins, a: [np.concatenate(ins, axis=a["axis"])],
         traffic_cost,
         {"axis": AttrSpec("int")},
+        vjp=_concat_vjp,
     )
 )
 
@@ -119,6 +156,12 @@ def _slice_ref(ins, a):
     return [x[tuple(idx)]]
 
 
+@_float_vjp
+def _slice_vjp(fb, op, g):
+    x = op.operands[0]
+    return [fb.slice_scatter(zeros(fb, x.type), g, **op.attrs)]
+
+
 register(
     OpDef(
         "slice",
@@ -128,6 +171,7 @@ register(
         _slice_ref,
         traffic_cost,
         {"axis": AttrSpec("int"), "start": AttrSpec("int"), "stop": AttrSpec("int"), "step": AttrSpec("int", 1)},
+        vjp=_slice_vjp,
     )
 )
 
@@ -148,6 +192,11 @@ def _broadcast_ref(ins, a):
     return [np.broadcast_to(x.reshape((1,) * (len(a["shape"]) - x.ndim) + x.shape), a["shape"])]
 
 
+@_float_vjp
+def _broadcast_vjp(fb, op, g):
+    return [unbroadcast(fb, g, op.operands[0].type)]
+
+
 register(
     OpDef(
         "broadcast_to",
@@ -157,6 +206,7 @@ register(
         _broadcast_ref,
         traffic_cost,
         {"shape": AttrSpec("dims")},
+        vjp=_broadcast_vjp,
     )
 )
 
@@ -184,6 +234,12 @@ def _gather_ref(ins, a):
     return [np.take_along_axis(x, idx.astype(np.int64), axis=a["axis"])]
 
 
+@_float_vjp
+def _gather_vjp(fb, op, g):
+    x, idx = op.operands
+    return [fb.scatter_add(zeros(fb, x.type), idx, g, axis=op.attrs["axis"]), None]
+
+
 register(
     OpDef(
         "gather",
@@ -193,6 +249,7 @@ register(
         _gather_ref,
         traffic_cost,
         {"axis": AttrSpec("int")},
+        vjp=_gather_vjp,
     )
 )
 
@@ -210,6 +267,12 @@ def _take_ref(ins, a):
     return [np.take(x, idx.astype(np.int64), axis=a["axis"])]
 
 
+@_float_vjp
+def _take_vjp(fb, op, g):
+    x, idx = op.operands
+    return [fb.index_add(zeros(fb, x.type), idx, g, axis=op.attrs["axis"]), None]
+
+
 register(
     OpDef(
         "take",
@@ -219,6 +282,7 @@ register(
         _take_ref,
         traffic_cost,
         {"axis": AttrSpec("int")},
+        vjp=_take_vjp,
     )
 )
 
@@ -240,5 +304,6 @@ register(
         lambda ins, a: [(ins[0][..., None] == np.arange(a["depth"])).astype(np.float32)],
         lambda i, o, a: Cost(0, bytes_of(i) + bytes_of(o)),
         {"depth": AttrSpec("int"), "dtype": AttrSpec("dtype", DType.f32)},
+        vjp=no_grad,
     )
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from r1c.ir.ops.grad_util import is_float, no_grad
 from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, register, traffic_cost
 from r1c.ir.types import DType, TensorType
 
@@ -26,6 +27,7 @@ register(
         _param_ref,
         lambda ins, outs, a: Cost(0, bytes_of(outs)),
         {"name": AttrSpec("str")},
+        vjp=no_grad,
     )
 )
 
@@ -38,6 +40,7 @@ register(
         lambda ins, a: [np.full(_static(a["shape"], "constant"), a["value"], dtype=np.float64)],
         lambda ins, outs, a: Cost(0, bytes_of(outs)),
         {"value": AttrSpec("float"), "dtype": AttrSpec("dtype", DType.f32), "shape": AttrSpec("dims", ())},
+        vjp=no_grad,
     )
 )
 
@@ -70,8 +73,17 @@ register(
         _iota_ref,
         lambda ins, outs, a: Cost(0, bytes_of(outs)),
         {"axis": AttrSpec("int"), "dtype": AttrSpec("dtype", DType.int32)},
+        vjp=no_grad,
     )
 )
+
+
+def _cast_vjp(fb, op, cts):
+    (x,), (g,) = op.operands, cts
+    if g is None or not is_float(x) or not is_float(op.result):
+        return [None]
+    return [fb.cast(g, dtype=x.type.dtype)]
+
 
 register(
     OpDef(
@@ -90,5 +102,6 @@ register(
         ],
         traffic_cost,
         {"dtype": AttrSpec("dtype")},
+        vjp=_cast_vjp,
     )
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from r1c.ir import VerifyError, parse_module, print_module, verify
-from r1c.passes import PassManager, all_passes, compare_modules
+from r1c.passes import PassManager, all_passes, compare_modules, get_pass, parse_pipeline
 
 HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("r1c_golden_format", HERE / "golden.py")
@@ -39,13 +39,14 @@ def test_golden(path: Path) -> None:
         pytest.fail(f"{path.name}: output of `{g.pipeline}` differs from // CHECK:\n{diff}")
     assert parse_module(got) == after  # the expected text is itself valid, round-tripping IR
     if not g.input_invalid:
-        assert compare_modules(before, after, g.env, seed=1) <= 1e-6
+        # Lossy passes (kv-quant) declare how much error they may add; exact passes add none.
+        allowed = 1e-6 + sum(get_pass(name).tolerance_for(options) for name, options in parse_pipeline(g.pipeline))
+        assert compare_modules(before, after, g.env, seed=1) <= allowed
 
 
 def test_every_builtin_pass_has_golden_files() -> None:
     by_pass: dict[str, int] = {}
     for path in FILES:
         by_pass[path.parent.name] = by_pass.get(path.parent.name, 0) + 1
-    for name in ("canonicalize", "cse", "dce", "constant-fold", "shape-inference"):
-        assert name in all_passes()
+    for name in all_passes():
         assert by_pass.get(name, 0) >= 3, f"pass '{name}' has {by_pass.get(name, 0)} golden files, want >= 3"

@@ -132,3 +132,24 @@ def test_symbols_and_static():
     assert dims.symbols("B*S*2") == {"B", "S"}
     assert dims.symbols(4) == set()
     assert dims.is_static(4) and not dims.is_static("B")
+
+
+@pytest.mark.parametrize(
+    "d, block, expect, env, value",
+    [
+        (130, 64, 3, {}, 3),
+        ("S*128", 64, "S*2", {"S": 3}, 6),
+        ("S", 64, "S_cdiv64", {"S": 65}, 2),
+        ("B*S", 64, "B__S_cdiv64", {"B": 3, "S": 50}, 3),
+        ("S*3", 64, "S__3_cdiv64", {"S": 50}, 3),
+    ],
+)
+def test_ceil_div_is_evaluated_from_its_symbols(d, block, expect, env, value):
+    got = dims.ceil_div(d, block)
+    assert got == expect
+    assert dims.evaluate(got, env) == value
+
+
+def test_ceil_div_of_an_unbound_symbol_names_it():
+    with pytest.raises(dims.DimError, match="'S'"):
+        dims.evaluate("S_cdiv64", {"B": 1})

@@ -78,6 +78,48 @@ TESTED_IN = {
     "attention": "test_ops_attention.py",
     "moe_experts": "test_ops_moe.py",
     **{n: "test_ops_structure.py" for n in ["param", "constant", "iota", "cast"]},
+    # Backward ops: run by the VJP tests (against torch) and listed with their type-rule checks there.
+    **{
+        n: "../autodiff/test_vjp_coverage.py"
+        for n in [
+            "gelu_grad",
+            "scatter_add",
+            "index_add",
+            "slice_scatter",
+            "rmsnorm_grad",
+            "rope_grad",
+            "cross_entropy_grad",
+            "attention_grad",
+            "moe_experts_grad",
+        ]
+    },
+    **{n: "../passes/test_kv_quant_ops.py" for n in ["quantize", "dequantize", "attention_kvq", "mla_attention_kvq"]},
+    **{
+        n: "../passes/test_sparse_attention_tiling.py"
+        for n in [
+            "attention_block_map",
+            "tiled_attention",
+            "block_sparse_attention",
+            "dsa_attention",
+            "dsa_block_map",
+            "tiled_dsa_attention",
+        ]
+    },
+    **{
+        n: "../passes/test_expert_fusion_ops.py"
+        for n in [
+            "moe_permute",
+            "moe_gather_rows",
+            "moe_scatter_rows",
+            "moe_unpermute",
+            "grouped_matmul",
+            "grouped_matmul_wgrad",
+        ]
+    },
+    **{
+        n: "../train/test_optim_ops.py"
+        for n in ["adamw_update", "sgd_update", "global_norm", "clip_coef", "lr_schedule", "balance_bias_update"]
+    },
 }
 
 
@@ -133,9 +175,23 @@ def _required_attrs(name: str) -> dict:
         "reduce_max": {"axes": [0]},
         "reduce_min": {"axes": [0]},
         "attention": {"scale": 1.0},
+        "attention_kvq": {"scale": 1.0},
+        "mla_attention_kvq": {"scale": 1.0, "qk_nope_head_dim": 2, "v_head_dim": 2},
+        "tiled_attention": {"scale": 1.0},
+        "block_sparse_attention": {"scale": 1.0},
+        "dsa_attention": {"scale": 1.0},
+        "tiled_dsa_attention": {"scale": 1.0},
         "iota": {"axis": 0},
         "cast": {"dtype": DType.bf16},
         "constant": {"value": 1.0},
+        "scatter_add": {"axis": 0},
+        "index_add": {"axis": 0},
+        "slice_scatter": {"axis": 0, "start": 0, "stop": 1},
+        "attention_grad": {"scale": 1.0},
+        "clip_coef": {"max_norm": 1.0},
+        "lr_schedule": {"lr": 1e-3},
+        "moe_permute": {"num_experts": 2},
+        "grouped_matmul_wgrad": {"num_experts": 2},
     }.get(name, {})
 
 

@@ -77,6 +77,17 @@ def test_print_ir_after_selected_and_all() -> None:
     assert headers == [f"// ----- IR after {p} -----" for p in ("canonicalize", "cse", "dce")]
 
 
+def test_print_changed_shows_a_diff_per_pass() -> None:
+    buf = io.StringIO()
+    PassManager("cse,cse", print_changed=True, out=buf).run(parse_module(TEXT))
+    first, second = buf.getvalue().split("// ----- changes by cse -----\n")[1:]
+    removed = [line for line in first.splitlines() if line.startswith("-    ")]
+    added = [line for line in first.splitlines() if line.startswith("+    ")]
+    assert removed == ["-    %3 = exp(%1) : f32[B,8]", "-    %4 = add(%2, %3) : f32[B,8]"]
+    assert added == ["+    %4 = add(%2, %2) : f32[B,8]"]
+    assert second == "// (no change)\n"
+
+
 def test_print_ir_after_unknown_pass_is_an_error() -> None:
     with pytest.raises(PipelineError, match="unknown pass 'cs'"):
         PassManager("cse", print_ir_after={"cs"})

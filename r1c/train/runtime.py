@@ -1,0 +1,83 @@
+"""Runs `@train_step` on the reference interpreter, carrying the state tensors between steps (the convention of
+`r1c.train.step`), and saves/resumes checkpoints bit-for-bit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from r1c.ir import init_weights, run
+from r1c.ir.core import Module
+from r1c.ir.interpreter import init_weight
+from r1c.train import checkpoint
+from r1c.train.config import TrainConfig
+from r1c.train.data import Batches
+from r1c.train.step import METRICS, STEP_FUNCTION, build_train_step, names_attr
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+
+
+def initial_state(base: Module, train_module: Module, seed: int) -> dict[str, np.ndarray]:
+    """The base model's weights exactly as `init_weights(base, seed)` gives them (so other frameworks can start from
+    the same init), then the params training added (adapters, optimizer state) from a second, derived stream."""
+    state = init_weights(base, seed)
+    rng = np.random.default_rng([seed, 1])
+    for name, p in train_module.params.items():
+        if name not in state:
+            state[name] = init_weight(p.type, p.init, rng)
+    return state
+
+
+class Trainer:
+    def __init__(self, module: Module, state: dict[str, np.ndarray], data: Batches, step: int = 0) -> None:
+        if STEP_FUNCTION not in module.functions:
+            raise ValueError(f"module @{module.name} has no @{STEP_FUNCTION}; build it with build_train_step")
+        self.module, self.state, self.data, self.step = module, state, data, step
+        self.state_names = names_attr(module, "state")
+        self.history: list[StepResult] = []
+
+    @classmethod
+    def create(cls, base: Module, cfg: TrainConfig, tokens: np.ndarray) -> "Trainer":
+        module = build_train_step(base, cfg)
+        return cls(module, initial_state(base, module, cfg.seed), Batches(tokens, cfg.batch, cfg.seq, cfg.seed))
+
+    def run_step(self) -> StepResult:
+        tokens, labels = self.data.next()
+        outs = run(self.module, [tokens, labels, np.int32(self.step + 1)], self.state, function=STEP_FUNCTION)
+        metrics, new = outs[: len(METRICS)], outs[len(METRICS) :]
+        self.state.update(zip(self.state_names, new))
+        self.step += 1
+        loss, lr, norm = (float(x) for x in metrics)
+        result = StepResult(self.step, loss, lr, norm, int(tokens.size))
+        self.history.append(result)
+        return result
+
+    def save(self, path: str | Path) -> Path:
+        meta = {
+            "step": self.step,
+            "data": self.data.state(),
+            "module": self.module.name,
+            "state": self.state_names,
+            "history": [[r.step, r.loss, r.lr, r.grad_norm, r.tokens] for r in self.history],
+        }
+        return checkpoint.save(path, self.state, meta)
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a checkpoint of this same training setup (same module, config and data)."""
+        state, meta = checkpoint.load(path)
+        if meta.get("state") != self.state_names or set(state) != set(self.state):
+            raise checkpoint.CheckpointError(
+                f"{path}: the checkpoint holds another training state (different model, optimizer or LoRA setup)"
+            )
+        self.state, self.step = state, int(meta["step"])
+        self.history = [StepResult(int(s), loss, lr, norm, int(n)) for s, loss, lr, norm, n in meta["history"]]
+        self.data.restore(meta["data"])
