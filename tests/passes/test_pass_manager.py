@@ -185,16 +185,23 @@ def _deep_module(layers: int) -> Module:
     return mb.build()
 
 
+def _best_timings(module, pipeline: str, repeats: int = 3) -> tuple[dict[str, float], object]:
+    """The fastest of a few runs per pass: a pause of the machine (GC, another process) is not the pass."""
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        buf = io.StringIO()
+        out = PassManager(pipeline, time_passes=True, out=buf).run(module)
+        for name, ms in _timings(buf.getvalue()).items():
+            best[name] = min(ms, best.get(name, ms))
+    return best, out
+
+
 def test_passes_scale_linearly_on_a_deepseek_sized_module() -> None:
     small, large = _deep_module(6), _deep_module(61)
     assert len(large.main.body) > 10_000
-    buf = io.StringIO()
     pipeline = "canonicalize,cse,constant-fold,dce,shape-inference"
-    PassManager(pipeline, time_passes=True, out=buf).run(small)
-    small_ms = _timings(buf.getvalue())
-    buf = io.StringIO()
-    out = PassManager(pipeline, time_passes=True, out=buf).run(large)
-    large_ms = _timings(buf.getvalue())
+    small_ms, _ = _best_timings(small, pipeline)
+    large_ms, out = _best_timings(large, pipeline)
     assert len(out.main.body) < len(large.main.body) / 2
     for name, ms in large_ms.items():
         assert ms < 3000, f"{name} took {ms:.0f} ms on {len(large.main.body)} ops"
