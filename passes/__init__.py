@@ -8,6 +8,7 @@ from r1c.passes import (  # noqa: F401  (register passes)
     expert_fusion,
     grad,
     kv_quant,
+    moe_aux_loss,
     pipeline_partition,
     shape_inference,
     sparse_attention_tiling,

@@ -65,6 +65,15 @@ class FunctionBuilder:
         self._scope: list[str] = []
         self._params: dict[str, Value] = {}
 
+    @classmethod
+    def appending_to(cls, parent: ModuleBuilder, function: Function) -> "FunctionBuilder":
+        """A builder that appends ops to an existing function of `parent`'s module (fresh names avoid its own)."""
+        fb = cls(parent, function.name, {})
+        fb.function = function
+        fb._names = {a.name for a in function.args} | {r.name for op in function.body for r in op.results}
+        fb._params = {op.attrs["name"]: op.result for op in function.body if op.name == "param"}
+        return fb
+
     @property
     def args(self) -> list[Value]:
         return self.function.args

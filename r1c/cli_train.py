@@ -33,6 +33,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         ("--seed", int, "seed of the weight init and batch sampling"),
         ("--precision", str, "f32, or bf16 (bf16 compute, f32 master weights)"),
         ("--bias-gamma", float, "aux-loss-free balancing bias step (0: off)"),
+        ("--aux-loss-alpha", float, "weight of the sequence-wise expert balance loss (0: off)"),
         ("--lora-rank", int, "train LoRA adapters of this rank only (0: full training)"),
         ("--lora-alpha", float, "LoRA scale numerator (scale = alpha / rank)"),
         ("--lora-targets", str, "comma-separated projections to adapt, e.g. q_b_proj,kv_b_proj,o_proj"),
@@ -43,6 +44,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from r1c.passes import PipelineError
     from r1c.train.checkpoint import CheckpointError
     from r1c.train.config import TrainConfig, TrainConfigError
     from r1c.train.data import DataError, load_tokens
@@ -55,7 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
         base = load_model(args.model, args.sets)
         flags = {
             k: getattr(args, k)
-            for k in ("steps", "lr", "batch", "seq", "seed", "precision", "bias_gamma", "save_every")
+            for k in ("steps", "lr", "batch", "seq", "seed", "precision", "bias_gamma", "aux_loss_alpha", "save_every")
             + ("lora_rank", "lora_alpha", "lora_targets")
         }
         cfg = TrainConfig.from_attrs(base.attrs, **flags)
@@ -64,7 +66,15 @@ def run_train(args: argparse.Namespace) -> int:
         if args.resume:
             trainer.restore(args.resume)
         return _loop(trainer, cfg, Path(args.out), base.name)
-    except (TrainConfigError, DataError, CheckpointError, LoRAError, MixedPrecisionError, TrainStepError) as e:
+    except (
+        TrainConfigError,
+        DataError,
+        CheckpointError,
+        LoRAError,
+        MixedPrecisionError,
+        TrainStepError,
+        PipelineError,
+    ) as e:
         raise InputError(str(e)) from None
 
 

@@ -35,6 +35,7 @@ class TrainConfig:
     eps: float = 1e-8
     momentum: float = 0.0  # sgd only
     bias_gamma: float = 0.0  # aux-loss-free balancing: e_score_correction_bias step per update; 0 = off
+    aux_loss_alpha: float = 0.0  # weight of the sequence-wise expert balance loss (moe-aux-loss pass); 0 = off
     seed: int = 0  # weight init and batch sampling
     precision: str = "f32"  # f32 | bf16 (bf16 compute, f32 master weights and optimizer state)
     recompute: str = "none"  # gradient checkpointing of the grad pass: none | layer
@@ -59,6 +60,8 @@ class TrainConfig:
         for key in ("warmup", "lora_rank", "save_every"):
             if getattr(self, key) < 0:
                 raise TrainConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.aux_loss_alpha < 0:
+            raise TrainConfigError(f"train.aux_loss_alpha must be >= 0, got {self.aux_loss_alpha}")
         if self.lr <= 0 or self.clip < 0:
             raise TrainConfigError(f"train.lr must be > 0 and train.clip >= 0, got lr={self.lr}, clip={self.clip}")
 

@@ -1,5 +1,5 @@
-"""The training step as one IR function: loss and gradients (the `grad` pass), clipping, the optimizer update and the
-MoE balancing-bias rule.
+"""The training step as one IR function: loss (plus the expert balance loss of the `moe-aux-loss` pass when
+`aux_loss_alpha > 0`) and gradients (the `grad` pass), clipping, the optimizer update and the MoE balancing-bias rule.
 
 Convention (recorded in module attrs so a runtime needs no guessing):
 - `@train_step(tokens, labels, step: int32[])`, `step` counting updates from 1;
@@ -18,7 +18,8 @@ from r1c.ir.core import Function, Module, Op, Value
 from r1c.ir.types import DType, TensorType
 from r1c.ir.verifier import verify
 from r1c.passes.grad import grad_function
-from r1c.passes.rewrite import erase_dead
+from r1c.passes.moe_aux_loss import moe_aux_loss
+from r1c.passes.rewrite import clone_module, erase_dead
 from r1c.train.config import TrainConfig
 from r1c.train.lora import LORA_MARK, apply_lora
 from r1c.train.mixed_precision import to_mixed_precision
@@ -49,6 +50,8 @@ def build_train_step(module: Module, cfg: TrainConfig, loss: str = "loss") -> Mo
         raise TrainStepError(
             f"training needs a loss function @{loss}; module @{module.name} has {sorted(module.functions)}"
         )
+    if cfg.aux_loss_alpha > 0:
+        module = moe_aux_loss(clone_module(module), alpha=cfg.aux_loss_alpha, function=loss)
     if cfg.lora_rank:
         module = apply_lora(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), function=loss)
     if cfg.precision == "bf16":

@@ -58,3 +58,14 @@ def test_bias_update_needs_biases(tiny) -> None:
     v2_style = r1c.load(Path(__file__).parents[2] / "examples/r1-tiny.r1", overrides={"use_score_bias": False})
     with pytest.raises(TrainStepError, match="has no routing bias"):
         build_train_step(v2_style, TrainConfig.from_attrs(v2_style.attrs, bias_gamma=0.01))
+
+
+def test_training_with_the_balance_loss(tiny, corpus_tokens) -> None:
+    from r1c.train.config import TrainConfig
+    from r1c.train.runtime import Trainer
+
+    cfg = TrainConfig(steps=2, batch=2, seq=8)
+    plain = Trainer.create(tiny, cfg, corpus_tokens).run_step().loss
+    balanced = Trainer.create(tiny, cfg.replace(aux_loss_alpha=0.01), corpus_tokens).run_step().loss
+    # r1-tiny has two MoE layers with a balance loss of about 1 each at init (same weights and batch).
+    assert 0.01 < balanced - plain < 0.04
