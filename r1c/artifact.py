@@ -3,6 +3,7 @@
     OUT/manifest.json        format version, versions, module/target/entry, I/O types, config, param count, sha256s
     OUT/module.ir            the compiled module as IR text
     OUT/weights.safetensors  every parameter
+    OUT/...                  target-specific files (the cuda target's plan.json and kernels/*.py), hashed alike
 
 The manifest is checked before anything is trusted: a missing or edited file is an error, not a surprise later.
 """
@@ -134,9 +135,16 @@ class Artifact:
 
 
 def write(
-    out_dir: str | Path, module: Module, weights: dict[str, np.ndarray], target: str, entry: str | None = None
+    out_dir: str | Path,
+    module: Module,
+    weights: dict[str, np.ndarray],
+    target: str,
+    entry: str | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Artifact:
-    """Write module + weights + manifest to out_dir (created if needed; existing artifact files are replaced)."""
+    """Write module + weights + manifest to out_dir (created if needed; existing artifact files are replaced).
+
+    `extra_files` (relative path -> text) are written too and hashed in the manifest like the others."""
     from safetensors.numpy import save_file
 
     import r1c
@@ -154,6 +162,10 @@ def write(
     }
     (out / IR_FILE).write_text(print_module(module))
     save_file(arrays, str(out / WEIGHTS_FILE))
+    extra = extra_files or {}
+    for name, text in extra.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
     f = module.functions[entry]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -169,7 +181,7 @@ def write(
             "note": "bf16 and fp8e4m3 parameters are stored as float32 holding values already rounded to their dtype",
             "widened_to_float32": [n for n, p in module.params.items() if p.type.dtype in WIDENED],
         },
-        "files": {name: _sha256(out / name) for name in (IR_FILE, WEIGHTS_FILE)},
+        "files": {name: _sha256(out / name) for name in (IR_FILE, WEIGHTS_FILE, *extra)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return Artifact(out, manifest, module, arrays)

@@ -22,7 +22,13 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", help="model file (.r1 or .ir); optional with --from-hf")
     p.add_argument("--target", default="ref", help="compilation target (default: ref)")
     p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="artifact directory to write")
-    p.add_argument("--passes", metavar="PIPELINE", help='pass pipeline to run first, e.g. "canonicalize,cse"')
+    p.add_argument(
+        "--passes",
+        metavar="PIPELINE",
+        help='pass pipeline to run first, e.g. "canonicalize,cse" (for cuda it replaces the default pipeline)',
+    )
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16"), help="cuda: cast float parameters and activations")
+    p.add_argument("--dump-kernels", metavar="DIR", help="cuda: also write every generated kernel's source to DIR")
     add_set_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed for initializing weights (default: 0)")
     w = p.add_mutually_exclusive_group()
@@ -48,8 +54,21 @@ def run_compile(args: argparse.Namespace) -> int:
         raise InputError("compile needs a model file (or --from-hf DIR)")
     if args.weights:
         weights = load_weights(args.weights)
+    passes, options = args.passes, {}
+    if args.target == "cuda":  # the cuda target runs its own default pipeline; --passes replaces it
+        options = {k: v for k, v in (("dtype", args.dtype), ("dump_kernels", args.dump_kernels)) if v is not None}
+        if passes is not None:
+            options["passes"], passes = passes, None
+    elif args.dtype or args.dump_kernels:
+        raise InputError("--dtype and --dump-kernels apply to --target cuda")
     art = r1c.compile(
-        module, target=args.target, passes=args.passes, weights=weights, seed=args.seed, out_dir=args.output
+        module,
+        target=args.target,
+        passes=passes,
+        weights=weights,
+        seed=args.seed,
+        out_dir=args.output,
+        options=options,
     )
     params = art.manifest["parameters"]["elements"]
     source = "loaded" if weights is not None else f"initialized with seed {args.seed}"

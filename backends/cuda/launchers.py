@@ -16,7 +16,12 @@ Launcher = Callable[..., Any]
 _LAUNCHERS: dict[str, Launcher] = {}
 
 # Modules whose import registers launchers; imported on first lookup (they import torch and triton).
-_TEMPLATE_MODULES: list[str] = []
+_TEMPLATE_MODULES: list[str] = [
+    "r1c.backends.cuda.kernels.moe",
+    "r1c.backends.cuda.kernels.moe_experts",
+    "r1c.backends.cuda.kernels.flash_attention",
+    "r1c.backends.cuda.kernels.decode_attention",
+]
 
 
 class NoLauncherError(LookupError):

@@ -1,0 +1,192 @@
+"""Fused elementwise kernels: a group of elementwise IR ops of one output shape becomes ONE generated Triton kernel.
+
+Each op has an expression template whose meaning matches its numpy reference. Values are computed in float32 (floats),
+int32 (integers) or int1 (bools) and rounded to their storage dtype only when stored. Operands are strided views
+broadcast to the output shape (a stride of 0 on broadcast axes), so the same kernel also copies, broadcasts and
+transposes: `copy_source(rank)` is the identity group that materializes a view.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from r1c.ir.core import Op, Value
+from r1c.ir.types import DType
+
+BLOCK = 1024
+
+
+def kind(dtype: DType) -> str:
+    """f: float (computed in float32), b: bool (int1), i: integer (int32)."""
+    return "f" if dtype.is_float else "b" if dtype == DType.bool else "i"
+
+
+def _int_div(a: str, b: str) -> str:
+    # numpy floor-divides integers; Triton's `//` truncates toward zero: step down when the signs differ.
+    return f"tl.where((({a} % {b}) != 0) & (({a} < 0) != ({b} < 0)), {a} // {b} - 1, {a} // {b})"
+
+
+def _cast(a: list[str], attrs: dict[str, Any]) -> str:
+    k = kind(attrs["dtype"])
+    return f"({a[0]}).to(tl.float32)" if k == "f" else f"({a[0]}).to(tl.int32)" if k == "i" else f"({a[0]} != 0)"
+
+
+Expr = Callable[[list[str], dict[str, Any], list[str]], str]  # (operand names, attrs, operand kinds) -> expression
+
+EXPRS: dict[str, Expr] = {
+    "neg": lambda a, at, k: f"-{a[0]}",
+    "exp": lambda a, at, k: f"tl.exp({a[0]})",
+    "log": lambda a, at, k: f"tl.log({a[0]})",
+    "sqrt": lambda a, at, k: f"tl.sqrt_rn({a[0]})",
+    "rsqrt": lambda a, at, k: f"1.0 / tl.sqrt_rn({a[0]})",
+    "reciprocal": lambda a, at, k: f"1.0 / {a[0]}",
+    "abs": lambda a, at, k: f"tl.abs({a[0]})",
+    "square": lambda a, at, k: f"{a[0]} * {a[0]}",
+    "sigmoid": lambda a, at, k: f"1.0 / (1.0 + tl.exp(-{a[0]}))",
+    "silu": lambda a, at, k: f"{a[0]} / (1.0 + tl.exp(-{a[0]}))",
+    "relu": lambda a, at, k: f"tl.maximum({a[0]}, 0)",
+    "sin": lambda a, at, k: f"tl.sin({a[0]})",
+    "cos": lambda a, at, k: f"tl.cos({a[0]})",
+    "add": lambda a, at, k: f"{a[0]} + {a[1]}",
+    "sub": lambda a, at, k: f"{a[0]} - {a[1]}",
+    "mul": lambda a, at, k: f"{a[0]} * {a[1]}",
+    "div": lambda a, at, k: f"{a[0]} / {a[1]}" if k[0] == "f" else _int_div(a[0], a[1]),
+    "maximum": lambda a, at, k: f"tl.maximum({a[0]}, {a[1]})",
+    "minimum": lambda a, at, k: f"tl.minimum({a[0]}, {a[1]})",
+    "eq": lambda a, at, k: f"{a[0]} == {a[1]}",
+    "ne": lambda a, at, k: f"{a[0]} != {a[1]}",
+    "lt": lambda a, at, k: f"{a[0]} < {a[1]}",
+    "le": lambda a, at, k: f"{a[0]} <= {a[1]}",
+    "gt": lambda a, at, k: f"{a[0]} > {a[1]}",
+    "ge": lambda a, at, k: f"{a[0]} >= {a[1]}",
+    "logical_and": lambda a, at, k: f"{a[0]} & {a[1]}",
+    "logical_or": lambda a, at, k: f"{a[0]} | {a[1]}",
+    "logical_not": lambda a, at, k: f"{a[0]} == 0",
+    "where": lambda a, at, k: f"tl.where({a[0]}, {a[1]}, {a[2]})",
+    "swiglu": lambda a, at, k: f"{a[0]} / (1.0 + tl.exp(-{a[0]})) * {a[1]}",
+    "cast": lambda a, at, k: _cast(a, at),
+}
+# Ops that read the element's coordinates (i0, i1, ...): only the standalone kernel has them, not a GEMM epilogue.
+INDEXED = ("iota", "one_hot")
+OPS = frozenset(EXPRS) | frozenset(INDEXED)
+
+
+def load_expr(ptr: str, off: str, k: str, mask: str) -> str:
+    x = f"tl.load({ptr} + {off}, mask={mask}, other=0)"
+    return f"{x}.to(tl.float32)" if k == "f" else f"{x}.to(tl.int32)" if k == "i" else f"({x} != 0)"
+
+
+def const_expr(name: str, k: str, shape: str) -> str:
+    """A splat constant as a block: a bare scalar argument may arrive as a Python number (Triton specializes 1)."""
+    block = f"({name} + tl.zeros({shape}, {'tl.float32' if k == 'f' else 'tl.int32'}))"
+    return f"({block} != 0)" if k == "b" else block
+
+
+def emit_ops(ops: list[Op], names: dict[Any, str], rank: int, indent: str = "    ") -> list[str]:
+    """One line per op (`names` maps each operand to a variable; results get v0, v1, ... added to it)."""
+    lines = []
+    for i, op in enumerate(ops):
+        res = op.result
+        var = f"v{i}"
+        # one_hot reads its indices with a trailing unit axis (the class axis it compares against)
+        args = (
+            []
+            if op.name == "iota"
+            else [names[("unsqueezed", v)] if op.name == "one_hot" else names[v] for v in op.operands]
+        )
+        if op.name == "iota":
+            expr = f"i{op.attrs['axis'] % rank} + 0 * offs"  # `+ 0 * offs` gives the block shape
+        elif op.name == "one_hot":
+            hit = f"{args[0]} == i{rank - 1}"
+            expr = f"tl.where({hit}, 1.0, 0.0)" if op.attrs["dtype"].is_float else f"({hit}).to(tl.int32)"
+        else:
+            expr = EXPRS[op.name](args, op.attrs, [kind(v.type.dtype) for v in op.operands])
+        lines.append(f"{indent}{var} = {expr}")
+        names[res] = var
+    return lines
+
+
+def unravel(rank: int, indent: str = "    ") -> list[str]:
+    """Coordinates i0..i{rank-1} of the flat output index `offs` (row-major over D0..D{rank-1})."""
+    lines = [f"{indent}r = offs"]
+    for d in reversed(range(1, rank)):
+        lines += [f"{indent}i{d} = r % D{d}", f"{indent}r = r // D{d}"]
+    lines.append(f"{indent}i0 = r")
+    return lines
+
+
+def offset(strides: str, rank: int) -> str:
+    return " + ".join(f"i{d} * {strides}{d}" for d in range(rank))
+
+
+def header(title: str, uses: list[str]) -> str:
+    body = "\n".join(f"#   {u}" for u in uses)
+    return f'"""Generated by r1c (cuda target): {title}."""\n# Implements these IR ops (op @ loc):\n{body}\n'
+
+
+def source(
+    title: str,
+    uses: list[str],
+    ops: list[Op],
+    inputs: list[tuple[Value, bool]],
+    consts: list[Value],
+    outputs: list[Value],
+    rank: int,
+) -> str:
+    """The kernel of a group: `inputs` (value, unsqueezed for one_hot) are loaded, `consts` (splat constants) arrive
+    as scalars, `outputs` are stored."""
+    rank = max(rank, 1)  # a scalar result is computed as one element
+    names: dict[Any, str] = {}
+    params = [f"X{j}" for j in range(len(inputs))] + [f"O{j}" for j in range(len(outputs))]
+    params += [f"C{j}" for j in range(len(consts))] + ["N"] + [f"D{d}" for d in range(rank)]
+    params += [f"S{j}_{d}" for j in range(len(inputs)) for d in range(rank)]
+    params += [f"T{j}_{d}" for j in range(len(outputs)) for d in range(rank)]
+    body = ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < N", *unravel(rank)]
+    for j, (v, unsqueezed) in enumerate(inputs):
+        body.append(f"    x{j} = {load_expr(f'X{j}', offset(f'S{j}_', rank), kind(v.type.dtype), 'mask')}")
+        names[("unsqueezed", v) if unsqueezed else v] = f"x{j}"
+    for j, v in enumerate(consts):
+        names[v] = const_expr(f"C{j}", kind(v.type.dtype), "[BLOCK]")
+    body += emit_ops(ops, names, rank)
+    for j, v in enumerate(outputs):
+        body.append(f"    tl.store(O{j} + {offset(f'T{j}_', rank)}, ({names[v]}).to(O{j}.dtype.element_ty), mask=mask)")
+    sig = ", ".join(params)
+    return (
+        header(title, uses)
+        + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+        + f"def kernel({sig}, BLOCK: tl.constexpr):\n"
+        + "\n".join(body)
+        + "\n"
+    )
+
+
+def copy_source(rank: int) -> str:
+    """Materialize a strided view of rank `rank` into a (possibly strided) output: the identity, without a float32
+    round trip, so integers and bools copy exactly."""
+    params = ["X0", "O0", "N"] + [f"D{d}" for d in range(rank)]
+    params += [f"S0_{d}" for d in range(rank)] + [f"T0_{d}" for d in range(rank)]
+    body = ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < N", *unravel(rank)]
+    body.append(f"    x = tl.load(X0 + {offset('S0_', rank)}, mask=mask)")
+    body.append(f"    tl.store(O0 + {offset('T0_', rank)}, x, mask=mask)")
+    return (
+        header(f"strided copy of rank {rank}", ["views that torch cannot express without a copy (reshape, concat)"])
+        + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+        + f"def kernel({', '.join(params)}, BLOCK: tl.constexpr):\n"
+        + "\n".join(body)
+        + "\n"
+    )
+
+
+def launch(
+    module: Any, inputs: list[Any], consts: list[float | int], outputs: list[Any], shape: tuple[int, ...]
+) -> None:
+    """Run a group kernel; `inputs` are already broadcast (as views) to `shape`, `outputs` have `shape`."""
+    if not shape:
+        shape = (1,)
+        inputs, outputs = [t.reshape(1) for t in inputs], [t.reshape(1) for t in outputs]
+    n = math.prod(shape)
+    if n == 0:
+        return
+    strides = [s for t in inputs for s in t.stride()] + [s for t in outputs for s in t.stride()]
+    module.kernel[(-(-n // BLOCK),)](*inputs, *outputs, *consts, n, *shape, *strides, BLOCK=BLOCK)
