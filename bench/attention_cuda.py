@@ -29,19 +29,19 @@ from r1c.ir.ops.attention import visible_pairs
 DEV = "cuda"
 B, H, S, D = 4, 16, 4096, 128
 WINDOW = 1024
-FWD_VARIANTS = [  # name, map tiles (block_q, block_k), kernel (BLOCK_M, num_warps, num_stages), FULL tiles first
-    ("64x64 w4 s3", (64, 64), (64, 4, 3), False),
-    ("64x64 w4 s3 split", (64, 64), (64, 4, 3), True),
-    ("128x128 w8 s3", (128, 128), (128, 8, 3), False),
-    ("128x128 w8 s3 split", (128, 128), (128, 8, 3), True),
-    ("128x64 w8 s3", (128, 64), (128, 8, 3), False),
-    ("64x64 w4 s2", (64, 64), (64, 4, 2), False),
+FWD_VARIANTS = [  # name, map tiles (block_q, block_k), kernel (BLOCK_M, num_warps, num_stages), FULL tiles first, TMA
+    ("64x64 w4 s3", (64, 64), (64, 4, 3), False, False),
+    ("64x64 w4 s3 split", (64, 64), (64, 4, 3), True, False),
+    ("64x64 w4 s3 tma", (64, 64), (64, 4, 3), False, True),
+    ("64x64 w4 s3 split tma", (64, 64), (64, 4, 3), True, True),
+    ("64x64 w4 s2 split tma", (64, 64), (64, 4, 2), True, True),
+    ("128x64 w8 s3", (128, 64), (128, 8, 3), False, False),
+    ("128x64 w8 s3 split tma", (128, 64), (128, 8, 3), True, True),
+    ("128x128 w8 s3 split tma", (128, 128), (128, 8, 3), True, True),
 ]
 BWD_VARIANTS = [  # name, (dk/dv pass, dq pass) as (BLOCK_M, BLOCK_N, num_warps, num_stages), FULL tiles first
     ("64x128 / 128x64 w8 s3", ((64, 128, 8, 3), (128, 64, 8, 3)), False),
     ("64x128 / 128x64 w8 s3 split", ((64, 128, 8, 3), (128, 64, 8, 3)), True),
-    ("64x128 / 128x64 w8 s2", ((64, 128, 8, 2), (128, 64, 8, 2)), False),
-    ("32x128 / 128x64 w8 s3", ((32, 128, 8, 3), (128, 64, 8, 3)), False),
 ]
 
 
@@ -85,6 +85,9 @@ def check_case(name: str, b, h, hkv, sq, skv, d, dv, mask: dict) -> dict:
     tiled = get_launcher("tiled_attention")(qb, kb, vb, bmap, counts, **ta)
     grads = get_launcher("attention_grad")(qb, kb, vb, gb, **a)
     errs = {"out": rel(out, ref), "tiled_out": rel(tiled, ref)}
+    even = d == fa.pow2(d) and dv == fa.pow2(dv) and skv % 64 == 0
+    if fa.tma_ok(kb, vb, 64, even):
+        errs["split_tma_out"] = rel(fa.attention_fwd(qb, kb, vb, a, tiles=(64, 64), split=True, tma=True)[0], ref)
     errs.update({n: rel(x, r) for n, x, r in zip(("dq", "dk", "dv"), grads, refs)})
     ok = all(e < 1e-2 for e in errs.values())
     print(f"check {name:28s} {'ok' if ok else 'FAIL'} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()))
@@ -143,8 +146,8 @@ def time_case(case: str, a: dict, floor, quick: bool, results: list, table: list
     results.append({"label": f"{case} r1c vs baseline rel diff", "rel": agree})
 
     fwd = {}
-    for name, tiles, cfg, split in FWD_VARIANTS[:1] if quick else FWD_VARIANTS:
-        run = partial(fa.attention_fwd, q, k, v, a, tiles=tiles, config=cfg, split=split)
+    for name, tiles, cfg, split, tma in FWD_VARIANTS[:1] if quick else FWD_VARIANTS:
+        run = partial(fa.attention_fwd, q, k, v, a, tiles=tiles, config=cfg, split=split, tma=tma)
         fwd[name] = timed(f"{case} fwd r1c {name}", run, results)
     default_fwd = timed(f"{case} fwd r1c launcher (default)", partial(get_launcher("attention"), q, k, v, **a), results)
     _, lse, delta = fa.attention_fwd(q, k, v, a, return_lse=True, grad_out=g, store_out=False)

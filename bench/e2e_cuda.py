@@ -149,7 +149,26 @@ def accuracy(name: str, module, weights, seq: int, out_dir: Path, results: dict)
             timed(f"{name} accuracy {pipeline} {dtype}", results, check)
 
 
-def prefill(key: str, prog, model, compiled, toks: np.ndarray, results: dict) -> None:
+def gpu_busy_ms(fn: Callable[[], Any]) -> tuple[float, dict[str, float]]:
+    """GPU time of one call of fn (sum of its kernels' times, torch.profiler) and the 8 largest kernels by name:
+    against the wall time it says how much of a forward is host overhead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in rows) / 1e3
+    top = sorted(rows, key=lambda e: -e.self_device_time_total)[:8]
+    return total, {e.key[:60]: round(e.self_device_time_total / 1e3, 4) for e in top}
+
+
+def prefill(key: str, prog, model, compiled, model32, toks: np.ndarray, results: dict) -> None:
+    from r1c.backends.cuda.codegen import matmul
+    from r1c.backends.cuda.kernels import flash_attention
+
     b, s = toks.shape
     flops = r1c.stats(prog.artifact.module, seq=s, batch=b).flops
     results[f"{key}.floor_tok_s"] = b * s / (flops / (measure().bf16_tflops * 1e12))  # bf16 matmul-rate bound
@@ -157,16 +176,30 @@ def prefill(key: str, prog, model, compiled, toks: np.ndarray, results: dict) ->
     xl = torch.from_numpy(toks).long().cuda()
     ms = timed(f"{key} r1c", results, lambda: median_ms(lambda: prog.forward(x)))
     results[f"{key}.r1c_tok_s"] = b * s / ms * 1e3 if ms else None
-    prog.profile = {}  # where the time goes: one forward with a sync around every step
-    timed(f"{key} r1c profile", results, lambda: prog.forward(x))
-    top = sorted(prog.profile.items(), key=lambda kv: -kv[1])[:8]
-    results[f"{key}.r1c_profile_ms"] = {k: round(v * 1e3, 3) for k, v in top}
-    prog.profile = None
+    ms = timed(f"{key} r1c graph", results, lambda: median_ms(lambda: prog.forward(x, cuda_graph=True)))
+    results[f"{key}.r1c_graph_tok_s"] = b * s / ms * 1e3 if ms else None
+    busy = timed(f"{key} r1c profile", results, lambda: gpu_busy_ms(lambda: prog.forward(x)))
+    if busy:
+        results[f"{key}.r1c_gpu_busy_ms"], results[f"{key}.r1c_top_kernels_ms"] = busy
+    # the load paths of the GEMM template and of attention, A/B in the same run (graph replays: GPU time only)
+    defaults = matmul.USE_TMA, flash_attention.USE_TMA
+    for gemm_tma in (False, True):
+        for attn_tma in (False, True):
+            matmul.USE_TMA, flash_attention.USE_TMA = gemm_tma, attn_tma
+            prog.graphs.clear()
+            label = f"{key}.r1c_graph_gemm_tma={int(gemm_tma)}_attn_tma={int(attn_tma)}_ms"
+            results[label] = timed(label, results, lambda: median_ms(lambda: prog.forward(x, cuda_graph=True)))
+    matmul.USE_TMA, flash_attention.USE_TMA = defaults
+    prog.graphs.clear()
     with torch.no_grad():
         if model is not None:
             ours = prog.forward(x)[0].float()
             theirs = model(xl).logits.float()
             results[f"{key}.bf16_rel_diff_vs_hf"] = float((ours - theirs).norm() / theirs.norm())
+            if model32 is not None:  # both bf16 runs against the f32 model: how far each is from exact
+                exact = model32(xl).logits.float()
+                for who, got in (("r1c", ours), ("hf", theirs)):
+                    results[f"{key}.{who}_bf16_rel_err_vs_hf_f32"] = float((got - exact).norm() / exact.norm())
             ms = timed(f"{key} HF eager", results, lambda: median_ms(lambda: model(xl)))
             results[f"{key}.hf_eager_tok_s"] = b * s / ms * 1e3 if ms else None
         if compiled is not None and time.time() - T0 < results["budget_s"] - HF_COMPILE_BY_S:
@@ -195,8 +228,9 @@ def throughput(name: str, module, weights, out_dir: Path, results: dict, shapes,
         return
     model = timed(f"{name}: HF model", results, lambda: hf_v2(dict(module.attrs), weights, torch.bfloat16, "cuda"))
     compiled = torch.compile(model) if (model is not None and compile_hf) else None
+    model32 = timed(f"{name}: HF f32", results, lambda: hf_v2(dict(module.attrs), weights, torch.float32, "cuda"))
     for b, s in shapes:
-        prefill(f"{name}.prefill_B{b}_S{s}", prog, model, compiled, tokens(vocab, b, s, 2), results)
+        prefill(f"{name}.prefill_B{b}_S{s}", prog, model, compiled, model32, tokens(vocab, b, s, 2), results)
     # (c) decode-shaped: B=32 rows of one token each, whole forward, CUDA graph replay
     x = prog.to_device([tokens(vocab, 32, 1, 3)])
     key = f"{name}.decode_shaped_B32_S1"

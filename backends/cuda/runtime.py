@@ -123,10 +123,10 @@ class Program:
         shape = tuple(dst.shape) or (1,)
         src = bcast(src, tuple(dst.shape)).reshape(shape) if not dst.shape else bcast(src, shape)
         dst = dst.reshape(1) if not dst.shape else dst
-        n = math.prod(shape)
-        if n:
+        if math.prod(shape):
+            grid, blocks, rows = ew.tile_grid(shape)
             k = self.kernels[f"copy_r{len(shape)}.py"]
-            k.kernel[(-(-n // ew.BLOCK),)](src, dst, n, *shape, *src.stride(), *dst.stride(), BLOCK=ew.BLOCK)
+            k.kernel[grid](src, dst, rows, *shape, *src.stride(), *dst.stride(), **blocks)
 
     def contiguous(self, t: torch.Tensor) -> torch.Tensor:
         if t.is_contiguous():

@@ -4,6 +4,11 @@ Each op has an expression template whose meaning matches its numpy reference. Va
 int32 (integers) or int1 (bools) and rounded to their storage dtype only when stored. Operands are strided views
 broadcast to the output shape (a stride of 0 on broadcast axes), so the same kernel also copies, broadcasts and
 transposes: `copy_source(rank)` is the identity group that materializes a view.
+
+A program covers a [ROWS, BLOCK] tile of the output seen as [rows, last dim]: the leading coordinates are unravelled
+once per row (not per element) and the last one is a contiguous range, so operands with a unit last stride load
+with wide vector accesses (Triton specializes stride 1), which a flat index with a div/mod per dim per element
+cannot.
 """
 
 from __future__ import annotations
@@ -116,6 +121,32 @@ def unravel(rank: int, indent: str = "    ") -> list[str]:
     return lines
 
 
+def tile_index(rank: int, indent: str = "    ") -> list[str]:
+    """`offs` (flat output index), `mask` and coordinates i0..i{rank-1} of a program's [ROWS, BLOCK] tile: rows
+    [ROWS, 1] over the leading dims (R of them), the last coordinate [1, BLOCK] along D{rank-1}."""
+    last = rank - 1
+    lines = [
+        f"{indent}rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]",
+        f"{indent}i{last} = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]",
+        f"{indent}mask = (rows < R) & (i{last} < D{last})",
+        f"{indent}offs = rows * D{last} + i{last}",
+        f"{indent}r = rows",
+    ]
+    for d in reversed(range(0, last)):
+        lines += [f"{indent}i{d} = r % D{d}", f"{indent}r = r // D{d}"] if d else [f"{indent}i0 = r"]
+    return lines
+
+
+def tile_grid(shape: tuple[int, ...]) -> tuple[tuple[int, int], dict[str, int], int]:
+    """(grid, constexprs, rows R) of a tile-form launch over `shape` (rank >= 1): BLOCK covers the last dim (up to
+    1024), ROWS as many rows as make ~2048 elements a program."""
+    last = shape[-1]
+    rows = math.prod(shape[:-1])
+    block = min(1024, 1 << max(0, (last - 1).bit_length()))
+    nrows = min(max(1, 2048 // block), 1 << max(0, (rows - 1).bit_length()))
+    return (-(-rows // nrows), -(-last // block)), {"ROWS": nrows, "BLOCK": block}, rows
+
+
 def offset(strides: str, rank: int) -> str:
     return " + ".join(f"i{d} * {strides}{d}" for d in range(rank))
 
@@ -139,15 +170,15 @@ def source(
     rank = max(rank, 1)  # a scalar result is computed as one element
     names: dict[Any, str] = {}
     params = [f"X{j}" for j in range(len(inputs))] + [f"O{j}" for j in range(len(outputs))]
-    params += [f"C{j}" for j in range(len(consts))] + ["N"] + [f"D{d}" for d in range(rank)]
+    params += [f"C{j}" for j in range(len(consts))] + ["R"] + [f"D{d}" for d in range(rank)]
     params += [f"S{j}_{d}" for j in range(len(inputs)) for d in range(rank)]
     params += [f"T{j}_{d}" for j in range(len(outputs)) for d in range(rank)]
-    body = ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < N", *unravel(rank)]
+    body = tile_index(rank)
     for j, (v, unsqueezed) in enumerate(inputs):
         body.append(f"    x{j} = {load_expr(f'X{j}', offset(f'S{j}_', rank), kind(v.type.dtype), 'mask')}")
         names[("unsqueezed", v) if unsqueezed else v] = f"x{j}"
     for j, v in enumerate(consts):
-        names[v] = const_expr(f"C{j}", kind(v.type.dtype), "[BLOCK]")
+        names[v] = const_expr(f"C{j}", kind(v.type.dtype), "(ROWS, BLOCK)")
     body += emit_ops(ops, names, rank)
     for j, v in enumerate(outputs):
         body.append(f"    tl.store(O{j} + {offset(f'T{j}_', rank)}, ({names[v]}).to(O{j}.dtype.element_ty), mask=mask)")
@@ -155,7 +186,7 @@ def source(
     return (
         header(title, uses)
         + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-        + f"def kernel({sig}, BLOCK: tl.constexpr):\n"
+        + f"def kernel({sig}, ROWS: tl.constexpr, BLOCK: tl.constexpr):\n"
         + "\n".join(body)
         + "\n"
     )
@@ -164,15 +195,15 @@ def source(
 def copy_source(rank: int) -> str:
     """Materialize a strided view of rank `rank` into a (possibly strided) output: the identity, without a float32
     round trip, so integers and bools copy exactly."""
-    params = ["X0", "O0", "N"] + [f"D{d}" for d in range(rank)]
+    params = ["X0", "O0", "R"] + [f"D{d}" for d in range(rank)]
     params += [f"S0_{d}" for d in range(rank)] + [f"T0_{d}" for d in range(rank)]
-    body = ["    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < N", *unravel(rank)]
+    body = tile_index(rank)
     body.append(f"    x = tl.load(X0 + {offset('S0_', rank)}, mask=mask)")
     body.append(f"    tl.store(O0 + {offset('T0_', rank)}, x, mask=mask)")
     return (
         header(f"strided copy of rank {rank}", ["views that torch cannot express without a copy (reshape, concat)"])
         + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-        + f"def kernel({', '.join(params)}, BLOCK: tl.constexpr):\n"
+        + f"def kernel({', '.join(params)}, ROWS: tl.constexpr, BLOCK: tl.constexpr):\n"
         + "\n".join(body)
         + "\n"
     )
@@ -185,8 +216,8 @@ def launch(
     if not shape:
         shape = (1,)
         inputs, outputs = [t.reshape(1) for t in inputs], [t.reshape(1) for t in outputs]
-    n = math.prod(shape)
-    if n == 0:
+    if math.prod(shape) == 0:
         return
     strides = [s for t in inputs for s in t.stride()] + [s for t in outputs for s in t.stride()]
-    module.kernel[(-(-n // BLOCK),)](*inputs, *outputs, *consts, n, *shape, *strides, BLOCK=BLOCK)
+    grid, blocks, rows = tile_grid(shape)
+    module.kernel[grid](*inputs, *outputs, *consts, rows, *shape, *strides, **blocks)

@@ -18,7 +18,7 @@ def source(
     uses: list[str], root: Op, epilogue: list[Op], inputs: list[Value], consts: list[Value], outputs: list[Value]
 ) -> str:
     """`inputs`: the epilogue's loaded operands; `outputs`: the values stored (the product only if it escapes)."""
-    params = ["A", "B"] + [f"E{j}" for j in range(len(inputs))] + [f"O{j}" for j in range(len(outputs))]
+    params = ["A", "B", "AD", "BD"] + [f"E{j}" for j in range(len(inputs))] + [f"O{j}" for j in range(len(outputs))]
     params += [f"C{j}" for j in range(len(consts))] + ["M", "N", "sab", "sam", "sak", "sbb", "sbk", "sbn"]
     params += [f"se{j}_b, se{j}_m, se{j}_n" for j in range(len(inputs))]
     params += [f"so{j}_b, so{j}_m, so{j}_n" for j in range(len(outputs))]
@@ -39,8 +39,12 @@ def source(
         "    b_ptr = B + bat * sbb + rk[:, None] * sbk + rn[None, :] * sbn",
         "    acc = tl.zeros((BM, BN), dtype=tl.float32)",
         "    for k0 in range(0, K, BK):",
-        "        a = tl.load(a_ptr, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)",
-        "        b = tl.load(b_ptr, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)",
+        "        if TMA:  # descriptors zero-fill the M, N and K tails",
+        "            a = AD.load([pid_m * BM, k0])",
+        "            b = BD.load([pid_n * BN, k0]).T",
+        "        else:",
+        "            a = tl.load(a_ptr, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)",
+        "            b = tl.load(b_ptr, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)",
         "        acc = tl.dot(a, b, acc, input_precision=PRECISION)",
         "        a_ptr += BK * sak",
         "        b_ptr += BK * sbk",
@@ -62,7 +66,7 @@ def source(
     title = f"GEMM ({root.name})" + (f" with epilogue {', '.join(o.name for o in epilogue)}" if epilogue else "")
     # K is a compile-time constant: it is a weight dimension (few distinct values), the k-loop bound is then static,
     # and Triton's interpreter cannot iterate range() over a run-time scalar.
-    consts_sig = ", ".join(f"{c}: tl.constexpr" for c in ("K", "BM", "BN", "BK", "GROUP", "PRECISION"))
+    consts_sig = ", ".join(f"{c}: tl.constexpr" for c in ("K", "BM", "BN", "BK", "GROUP", "PRECISION", "TMA"))
     return (
         header(title, uses)
         + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
@@ -70,6 +74,11 @@ def source(
         + "\n".join(body)
         + "\n"
     )
+
+
+# Tiles of A and B through tensor descriptors (Hopper's copy engine) where the operands allow it; the pointer path
+# stays for strided or batched operands (and is what f32 uses: its tiles are small).
+USE_TMA = False
 
 
 def config(m: int, n: int, k: int, dtype: Any, interpret: bool) -> dict[str, Any]:
@@ -86,17 +95,44 @@ def config(m: int, n: int, k: int, dtype: Any, interpret: bool) -> dict[str, Any
     return dict(BM=128, BN=128, BK=64, GROUP=8, PRECISION=precision, num_warps=8, num_stages=3)
 
 
+def tma_operands(a: Any, b: Any) -> tuple[Any, Any] | None:
+    """2-d views for descriptors: A [M, K] with unit K stride and B^T [N, K] (a linear's weight), both with 16-byte
+    row strides and bases; None where they do not qualify (batched, strided K, misaligned)."""
+    if a.shape[0] != 1 or b.shape[0] != 1 or a.stride(2) != 1 or b.stride(1) != 1:
+        return None
+    a2, bt2 = a[0], b[0].t()
+    es = a.element_size()
+    ok = all(t.stride(0) * es % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a2, bt2)) and a.shape[2] * es >= 16
+    return (a2, bt2) if ok else None
+
+
 def launch(
-    module: Any, a: Any, b: Any, inputs: list[Any], consts: list[Any], outputs: list[Any], interpret: bool
+    module: Any,
+    a: Any,
+    b: Any,
+    inputs: list[Any],
+    consts: list[Any],
+    outputs: list[Any],
+    interpret: bool,
+    cfg: dict[str, Any] | None = None,
+    tma: bool | None = None,
 ) -> None:
-    """a [Bt, M, K], b [Bt, K, N] (strided views, batch stride 0 where broadcast); inputs/outputs [Bt, M, N]."""
+    """a [Bt, M, K], b [Bt, K, N] (strided views, batch stride 0 where broadcast); inputs/outputs [Bt, M, N].
+    cfg overrides `config`, tma (None: USE_TMA where the operands allow it) the load path (benchmarks)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     bt, m, k = a.shape
     n = b.shape[2]
     if a.dtype != b.dtype:
         raise TypeError(f"cuda GEMM: operand dtypes differ ({a.dtype} vs {b.dtype})")
-    cfg = config(m, n, k, a.dtype, interpret)
+    cfg = dict(cfg or config(m, n, k, a.dtype, interpret))
+    views = tma_operands(a, b) if (USE_TMA if tma is None else tma) else None
+    if tma and views is None:
+        raise ValueError("cuda GEMM: tma=True needs an unbatched A with unit K stride, B^T rows, 16-byte alignment")
+    ad = TensorDescriptor.from_tensor(views[0], [cfg["BM"], cfg["BK"]]) if views else None
+    bd = TensorDescriptor.from_tensor(views[1], [cfg["BN"], cfg["BK"]]) if views else None
     grid = (-(-m // cfg["BM"]) * -(-n // cfg["BN"]), bt)
     strides = (
         [*a.stride(), *b.stride()] + [s for t in inputs for s in t.stride()] + [s for t in outputs for s in t.stride()]
     )
-    module.kernel[grid](a, b, *inputs, *outputs, *consts, m, n, *strides, K=k, **cfg)
+    module.kernel[grid](a, b, ad, bd, *inputs, *outputs, *consts, m, n, *strides, K=k, TMA=views is not None, **cfg)

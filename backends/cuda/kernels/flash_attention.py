@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from r1c.backends.cuda.launchers import launcher
 from r1c.ir.ops.attention_tiled import FULL, PARTIAL, cdiv, map_columns
@@ -29,6 +30,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256  # padded: q/k/v tiles of BLOCK x 256 are the most a program holds
 _MASK_CHUNK = 1 << 22  # elements of element mask built at once on the host
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # kernels loop with `while` there (see _fwd_kernel)
+USE_TMA = False  # default for tma=None: k/v tiles through pointer loads until the H200 sweep says otherwise
 
 
 class AttentionKernelError(ValueError):
@@ -174,12 +176,26 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # f32 inputs get f32 dots; the others ignore it
 
 
-def fwd_config(bd: int, block_q: int, block_k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, num_warps, num_stages) for a map tiled block_q x block_k: BLOCK_M divides block_q."""
+def fwd_config(bd: int, block_q: int, block_k: int, elem_bytes: int = 2) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, num_stages) for a map tiled block_q x block_k: BLOCK_M divides block_q. Stages by the
+    bytes of a k (or v) tile: two 32 KB tiles per stage at most, so f32 with D=192 (padded to 256) fits sm_90's
+    227 KB of shared memory (3 stages needed 272 KB: bench/sm90_aot.py)."""
     block_m = min(block_q, 128 if bd <= 128 else 64)  # a 128 x 256 q tile would spill
     warps = 8 if block_m * max(bd, block_k) >= 128 * 128 else 4
-    stages = 3 if bd * block_k <= 128 * 128 else 2
+    stages = 3 if bd * block_k * elem_bytes <= 128 * 128 * 2 else 2
     return block_m, warps, stages
+
+
+def tma_ok(k: torch.Tensor, v: torch.Tensor, block_k: int, even: bool) -> bool:
+    """k/v tiles can come through tensor descriptors: contiguous [B, H, S, D] with whole tiles (a tile never crosses
+    into the next head's rows), 16-byte rows and bases, on a GPU (sm_90+)."""
+    return (
+        even
+        and (INTERPRET or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9))
+        and all(t.is_contiguous() and t.shape[3] * t.element_size() % 16 == 0 for t in (k, v))
+        and all(t.data_ptr() % 16 == 0 for t in (k, v))
+        and k.shape[2] % block_k == 0
+    )
 
 
 # ---- forward kernel ---------------------------------------------------------------------------------------------
@@ -203,16 +219,19 @@ def tile_visible(
 
 @triton.jit
 def _fwd_tile(
-    q, acc, m_i, l_i, entry, smk, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, offs_dv,
+    q, acc, m_i, l_i, entry, smk, k_base, v_base, skn, svn, KD, VD, kv_row, offs_m, offs_n, offs_d, offs_dv,
     SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_LAYOUT: tl.constexpr,
-    PREC: tl.constexpr, EVEN: tl.constexpr, MODE: tl.constexpr,
+    PREC: tl.constexpr, EVEN: tl.constexpr, MODE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One (k_tile, kind) map entry of the online softmax: returns the updated (acc, m_i, l_i). MODE 0 reads the
-    kind and branches on it; 1: a FULL tile (no mask code); 2: a PARTIAL tile."""
+    kind and branches on it; 1: a FULL tile (no mask code); 2: a PARTIAL tile. TMA: k and v tiles come through the
+    tensor descriptors KD, VD over the [B*Hkv*S, D] rows (kv_row: this head's first row)."""
     kt = tl.load(entry)
     offs_kn = kt * BLOCK_N + offs_n
-    if EVEN:  # no tile crosses the end of the keys and the head dims are powers of two: unmasked loads
+    if TMA:
+        k = KD.load([kv_row + kt * BLOCK_N, 0]).T
+    elif EVEN:  # no tile crosses the end of the keys and the head dims are powers of two: unmasked loads
         k = tl.load(k_base + offs_kn[None, :] * skn)
     else:
         k = tl.load(k_base + offs_kn[None, :] * skn, mask=(offs_kn[None, :] < SKV) & (offs_d[:, None] < D), other=0.0)
@@ -231,7 +250,9 @@ def _fwd_tile(
     p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if EVEN:
+    if TMA:
+        v = VD.load([kv_row + kt * BLOCK_N, 0])
+    elif EVEN:
         v = tl.load(v_base + offs_kn[:, None] * svn)
     else:
         v = tl.load(v_base + offs_kn[:, None] * svn, mask=(offs_kn[:, None] < SKV) & (offs_dv[None, :] < DV), other=0.0)
@@ -241,31 +262,33 @@ def _fwd_tile(
 
 @triton.jit
 def _fwd_loop(
-    start, stop, q, acc, m_i, l_i, map_row, smc, smk, k_base, v_base, skn, svn, offs_m, offs_n, offs_d, offs_dv,
-    SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK, qk_scale,
+    start, stop, q, acc, m_i, l_i, map_row, smc, smk, k_base, v_base, skn, svn, KD, VD, kv_row,
+    offs_m, offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_LAYOUT: tl.constexpr,
-    PREC: tl.constexpr, EVEN: tl.constexpr, MODE: tl.constexpr, INTERPRET: tl.constexpr,
+    PREC: tl.constexpr, EVEN: tl.constexpr, MODE: tl.constexpr, INTERPRET: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """Map entries start..stop of a row. The interpreter cannot take range() of a loaded scalar (it calls int() on a
     1-element numpy array), so there the loop is a `while`; compiled, a `for` that Triton software-pipelines."""
     if INTERPRET:
         c = start
         while c < stop:
-            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, map_row + c * smc, smk, k_base, v_base, skn, svn, offs_m,
-                                      offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK, qk_scale,
-                                      D, DV, BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, MODE)  # fmt: skip
+            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, map_row + c * smc, smk, k_base, v_base, skn, svn, KD, VD,
+                                      kv_row, offs_m, offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB,
+                                      NLK, qk_scale, D, DV, BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, MODE,
+                                      TMA)  # fmt: skip
             c += 1
     else:
         for c in range(start, stop):
-            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, map_row + c * smc, smk, k_base, v_base, skn, svn, offs_m,
-                                      offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK, qk_scale,
-                                      D, DV, BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, MODE)  # fmt: skip
+            acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, map_row + c * smc, smk, k_base, v_base, skn, svn, KD, VD,
+                                      kv_row, offs_m, offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB,
+                                      NLK, qk_scale, D, DV, BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, MODE,
+                                      TMA)  # fmt: skip
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, DO, DELTA, MAP, COUNTS, FULLC, LAYOUT,
+    Q, K, V, KD, VD, OUT, LSE, DO, DELTA, MAP, COUNTS, FULLC, LAYOUT,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sob, soh, som, sod, sgb, sgh, sgm, sgd, smb, smr, smc, smk, scb, scr,
     H, REP, SQ, SKV, WINDOW, SINKS, LB, NLK, qk_scale,
@@ -273,7 +296,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_LAYOUT: tl.constexpr, MAP_BATCHED: tl.constexpr,
     STORE_O: tl.constexpr, STORE_LSE: tl.constexpr, WITH_DO: tl.constexpr, PREC: tl.constexpr,
-    INTERPRET: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # last q tiles (longest causal rows) are launched first
@@ -294,6 +317,7 @@ def _fwd_kernel(
     )
     k_base = K + b * skb + hk * skh + offs_d[:, None] * skd
     v_base = V + b * svb + hk * svh + offs_dv[None, :] * svd
+    kv_row = (b * (H // REP) + hk) * SKV  # first row of this kv head in the descriptors' [B*Hkv*S, D] view
     map_row = MAP + mb * smb + row * smr
     count = tl.load(COUNTS + mb * scb + row * scr)
 
@@ -302,16 +326,19 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BDV], tl.float32)
     if SPLIT:  # the row lists its FULL tiles first: two loops, mask code only in the second
         nfull = tl.load(FULLC + mb * scb + row * scr)
-        acc, m_i, l_i = _fwd_loop(0, nfull, q, acc, m_i, l_i, map_row, smc, smk, k_base, v_base, skn, svn, offs_m,
-                                  offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK, qk_scale, D, DV,
-                                  BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, 1, INTERPRET)  # fmt: skip
-        acc, m_i, l_i = _fwd_loop(nfull, count, q, acc, m_i, l_i, map_row, smc, smk, k_base, v_base, skn, svn, offs_m,
-                                  offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK, qk_scale, D, DV,
-                                  BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, 2, INTERPRET)  # fmt: skip
+        acc, m_i, l_i = _fwd_loop(0, nfull, q, acc, m_i, l_i, map_row, smc, smk, k_base, v_base, skn, svn, KD, VD,
+                                  kv_row, offs_m, offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK,
+                                  qk_scale, D, DV, BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, 1, INTERPRET,
+                                  TMA)  # fmt: skip
+        acc, m_i, l_i = _fwd_loop(nfull, count, q, acc, m_i, l_i, map_row, smc, smk, k_base, v_base, skn, svn, KD, VD,
+                                  kv_row, offs_m, offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK,
+                                  qk_scale, D, DV, BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, 2, INTERPRET,
+                                  TMA)  # fmt: skip
     else:
-        acc, m_i, l_i = _fwd_loop(0, count, q, acc, m_i, l_i, map_row, smc, smk, k_base, v_base, skn, svn, offs_m,
-                                  offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK, qk_scale, D, DV,
-                                  BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, 0, INTERPRET)  # fmt: skip
+        acc, m_i, l_i = _fwd_loop(0, count, q, acc, m_i, l_i, map_row, smc, smk, k_base, v_base, skn, svn, KD, VD,
+                                  kv_row, offs_m, offs_n, offs_d, offs_dv, SQ, SKV, WINDOW, SINKS, LAYOUT, LB, NLK,
+                                  qk_scale, D, DV, BLOCK_N, CAUSAL, HAS_LAYOUT, PREC, EVEN, 0, INTERPRET,
+                                  TMA)  # fmt: skip
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a fully masked row gives zeros, as the reference does
     omask = row_ok[:, None] & (offs_dv[None, :] < DV)
@@ -343,12 +370,14 @@ def tiled_attention_fwd(
     config: tuple[int, int, int] | None = None,
     full_counts: torch.Tensor | None = None,
     op: str = "tiled_attention",
+    tma: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(out [B, H, Sq, Dv] or None, lse f32 [B, H, Sq] or None, delta f32 [B, H, Sq] or None) of attention over the
     tiles the block map lists. `mask` is `mask_key(attrs)`. full_counts (from `split_block_map`) says the rows list
     their FULL tiles first, that many of them. With grad_out, also delta = rowsum(out * grad_out), the
     backward's preprocessing; store_out=False skips writing out (the backward needs only lse and delta).
-    config = (BLOCK_M, num_warps, num_stages) overrides `fwd_config` (benchmarks)."""
+    config = (BLOCK_M, num_warps, num_stages) overrides `fwd_config` (benchmarks). tma: k/v tiles through tensor
+    descriptors (None: where `tma_ok` allows it and USE_TMA says so; True where it does not allow it is an error)."""
     check_inputs(op, q, k, v, scale)
     check_tile(op, "block_q", block_q)
     check_tile(op, "block_k", block_k)
@@ -361,7 +390,7 @@ def tiled_attention_fwd(
             f"tiles of {block_q} and batch {b}"
         )
     bd, bdv = pow2(d), pow2(dv)
-    block_m, warps, stages = config or fwd_config(max(bd, bdv), block_q, block_k)
+    block_m, warps, stages = config or fwd_config(max(bd, bdv), block_q, block_k, q.element_size())
     if block_q % block_m:
         raise AttentionKernelError(f"{op}: BLOCK_M={block_m} does not divide block_q={block_q}")
     dev = q.device
@@ -374,9 +403,16 @@ def tiled_attention_fwd(
     layout = layout_bitmap(sq, skv, mask, str(dev))
     o_ = out if out is not None else q  # an unused pointer argument still needs a tensor
     g_ = grad_out if grad_out is not None else q
+    even = d == bd and dv == bdv and skv % block_k == 0
+    allowed = tma_ok(k, v, block_k, even)
+    use_tma = (USE_TMA and allowed) if tma is None else tma
+    if use_tma and not allowed:
+        raise AttentionKernelError(f"{op}: tma=True needs contiguous k/v, whole tiles and 16-byte rows on sm_90+")
+    kd = TensorDescriptor.from_tensor(k.view(-1, d), [block_k, d]) if use_tma else None
+    vd = TensorDescriptor.from_tensor(v.view(-1, dv), [block_k, dv]) if use_tma else None
     grid = (b * h, triton.cdiv(sq, block_m))
     _fwd_kernel[grid](
-        q, k, v, o_, lse if lse is not None else q, g_, delta if delta is not None else q,
+        q, k, v, kd, vd, o_, lse if lse is not None else q, g_, delta if delta is not None else q,
         block_map, counts, full_counts if full_counts is not None else counts, layout if layout is not None else counts,
         *q.stride(), *k.stride(), *v.stride(), *o_.stride(), *g_.stride(), *block_map.stride(), *counts.stride(),
         h, h // k.shape[1], sq, skv, window, sinks, max(lb, 1), layout.shape[1] if layout is not None else 1,
@@ -384,7 +420,7 @@ def tiled_attention_fwd(
         D=d, DV=dv, BD=bd, BDV=bdv, BLOCK_M=block_m, BLOCK_N=block_k, SUB=block_q // block_m,
         CAUSAL=causal, HAS_LAYOUT=layout is not None, MAP_BATCHED=bm > 1,
         STORE_O=out is not None, STORE_LSE=lse is not None, WITH_DO=delta is not None, PREC=dot_precision(q.dtype),
-        INTERPRET=INTERPRET, EVEN=d == bd and dv == bdv and skv % block_k == 0, SPLIT=full_counts is not None,
+        INTERPRET=INTERPRET, EVEN=even, SPLIT=full_counts is not None, TMA=kd is not None,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse, delta

@@ -41,17 +41,21 @@ class GemmConfig:
     tma: bool = False  # tiles through tensor descriptors (Hopper's copy engine) instead of pointer loads
 
 
-def default_config(rows: int, groups: int, swiglu: bool, tma: bool) -> GemmConfig:
+def default_config(rows: int, groups: int, swiglu: bool, tma: bool, elem_bytes: int = 2) -> GemmConfig:
     """Few rows per group: the GEMM streams weights, so small M tiles and many N tiles keep every SM loading.
     Many rows: large tiles for the tensor cores (the SwiGLU form holds two accumulators, so half the N). Tiles
     come through TMA where the rows allow it: Triton 3.6 software-pipelines those loads (cp.async.bulk.tensor
-    into 3-4 stages) but, for this kernel, not the pointer loads of w (the PTX has no cp.async)."""
+    into 3-4 stages) but, for this kernel, not the pointer loads of w (the PTX has no cp.async). f32 operands take
+    half the K of a tile, so a stage holds the same bytes (the bf16 tiles at f32 need up to 360 KB of shared
+    memory: bench/sm90_aot.py)."""
     per_group = rows / max(groups, 1)
     if per_group <= 16:
-        return GemmConfig(16, 64, 256 if swiglu else 128, 4, 3 if swiglu else 4, tma)
-    if per_group <= 96:
-        return GemmConfig(64, 64 if swiglu else 128, 64, 4, 4, tma)
-    return GemmConfig(128, 128, 64, 8, 4, tma) if swiglu else GemmConfig(128, 256, 64, 8, 3, tma)
+        m, n, k, warps, stages = 16, 64, 256 if swiglu else 128, 4, 3 if swiglu else 4
+    elif per_group <= 96:
+        m, n, k, warps, stages = 64, 64 if swiglu else 128, 64, 4, 4
+    else:
+        m, n, k, warps, stages = (128, 128, 64, 8, 4) if swiglu else (128, 256, 64, 8, 3)
+    return GemmConfig(m, n, k * 2 // elem_bytes, warps, stages, tma)
 
 
 def check_device(name: str, *ts: torch.Tensor) -> None:
@@ -177,7 +181,7 @@ def launch_gmm(
     groups, _, d = w.shape
     x, w = x.contiguous(), w.contiguous()
     tma_ok = d * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
-    cfg = config or default_config(rows, offsets.shape[0] - 1, swiglu, tma_ok)
+    cfg = config or default_config(rows, offsets.shape[0] - 1, swiglu, tma_ok, x.element_size())
     out = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
     if rows == 0 or n_out == 0:
         return out

@@ -169,6 +169,23 @@ def test_split_maps_forward_and_backward(mask):
         assert rel(x, r) < 1e-5, name
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_tma_forward(split, dtype):
+    """k/v tiles through tensor descriptors (GQA rows: each kv head's first row in the [B*Hkv*S, D] view)."""
+    rng = np.random.default_rng(8)
+    q, k, v = inputs(rng, 2, 4, 2, 48, 64, 32, 16, dtype)
+    a = dict(scale=0.2, causal=True, window=20, sinks=3)
+    ref = registry.get("attention").reference(as_np([q, k, v]), a)[0]
+    out, _, _ = fa.attention_fwd(q, k, v, a, tiles=(16, 16), split=split, tma=True)
+    assert rel(out, ref) < TOL[dtype]
+    _, k70, v70 = inputs(rng, 2, 4, 2, 48, 70, 32, 16, dtype)
+    with pytest.raises(AttentionKernelError, match="tma=True"):  # 70 keys are not whole 16-key tiles
+        fa.attention_fwd(q, k70, v70, a, tiles=(16, 16), tma=True)
+    with pytest.raises(AttentionKernelError, match="tma=True"):  # a strided k
+        fa.attention_fwd(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, a, tiles=(16, 16), tma=True)
+
+
 def test_unsupported_inputs_raise():
     rng = np.random.default_rng(5)
     q, k, v = inputs(rng, 1, 1, 1, 16, 16, 16, 16, torch.float32)

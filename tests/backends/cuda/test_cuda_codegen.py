@@ -14,7 +14,7 @@ from r1c.backends.cuda.runtime import program
 from r1c.ir.interpreter import run
 from r1c.ir.parser import parse_module
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 TOL = {"f32": 1e-5, "f16": 2e-3}
 
 
@@ -96,6 +96,28 @@ def test_linear_absorbs_its_elementwise_consumers(tmp_path, dtype):
     ins = [rand(rng, 2, 5, 32, dtype=dtype), rand(rng, 48, 32, dtype=dtype)]
     plan = check(text, tmp_path, ins + [rand(rng, 2, 5, 48, dtype=dtype), rand(rng, 48, dtype=dtype)], dtype)
     assert [s["kind"] for s in plan] == ["gemm"] and len(plan[0]["ops"]) == 4
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_linear_through_tensor_descriptors(tmp_path, dtype, monkeypatch):
+    """The TMA load path of the GEMM template: M, N and K tails (10 rows, 48 columns, K=40) read as zeros."""
+    from r1c.backends.cuda.codegen import matmul
+
+    monkeypatch.setattr(matmul, "USE_TMA", True)
+    text = """module @m {
+  func @forward(%x: {T}[2,5,40], %w: {T}[48,40], %r: {T}[2,5,48]) -> ({T}[2,5,48]) {
+    %0 = linear(%x, %w) : {T}[2,5,48]
+    %1 = add(%0, %r) : {T}[2,5,48]
+    return %1
+  }
+}"""
+    rng = np.random.default_rng(11)
+    ins = [rand(rng, 2, 5, 40, dtype=dtype), rand(rng, 48, 40, dtype=dtype), rand(rng, 2, 5, 48, dtype=dtype)]
+    check(text, tmp_path, ins, dtype)
+    a, b = torch.zeros(1, 10, 40), torch.zeros(48, 40).t()[None]
+    assert matmul.tma_operands(a, b) is not None
+    assert matmul.tma_operands(a.transpose(1, 2).contiguous().transpose(1, 2), b) is None  # strided K
+    assert matmul.tma_operands(a.expand(2, -1, -1), b.expand(2, -1, -1)) is None  # batched
 
 
 def test_batched_matmul_broadcast(tmp_path):
