@@ -183,12 +183,11 @@ def prefill(key: str, prog, model, compiled, model32, toks: np.ndarray, results:
         results[f"{key}.r1c_gpu_busy_ms"], results[f"{key}.r1c_top_kernels_ms"] = busy
     # the load paths of the GEMM template and of attention, A/B in the same run (graph replays: GPU time only)
     defaults = matmul.USE_TMA, flash_attention.USE_TMA
-    for gemm_tma in (False, True):
-        for attn_tma in (False, True):
-            matmul.USE_TMA, flash_attention.USE_TMA = gemm_tma, attn_tma
-            prog.graphs.clear()
-            label = f"{key}.r1c_graph_gemm_tma={int(gemm_tma)}_attn_tma={int(attn_tma)}_ms"
-            results[label] = timed(label, results, lambda: median_ms(lambda: prog.forward(x, cuda_graph=True)))
+    for gemm_tma, attn_tma in ((None, False), (False, False), (True, False), (None, True)):  # None: by shape
+        matmul.USE_TMA, flash_attention.USE_TMA = gemm_tma, attn_tma
+        prog.graphs.clear()
+        label = f"{key}.r1c_graph_gemm_tma={gemm_tma}_attn_tma={attn_tma}_ms"
+        results[label] = timed(label, results, lambda: median_ms(lambda: prog.forward(x, cuda_graph=True)))
     matmul.USE_TMA, flash_attention.USE_TMA = defaults
     prog.graphs.clear()
     with torch.no_grad():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from r1c.backends.cuda.codegen.elementwise import BLOCK, header, offset, unravel
+from r1c.backends.cuda.codegen.elementwise import BLOCK, header, named, offset, unravel
 
 
 def gather_source(rank: int, axis: int, uses: list[str]) -> str:
@@ -23,12 +23,13 @@ def gather_source(rank: int, axis: int, uses: list[str]) -> str:
         f"    j = tl.load(I + {offset('SI', rank)}, mask=mask, other=0).to(tl.int64)",
         f"    tl.store(O + offs, tl.load(X + {src_off}, mask=mask), mask=mask)",
     ]
-    return (
+    return named(
         header(f"gather along axis {axis} (rank {rank})", uses)
         + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
         + f"def kernel({', '.join(params)}, BLOCK: tl.constexpr):\n"
         + "\n".join(body)
-        + "\n"
+        + "\n",
+        f"gather_r{rank}_axis{axis}",
     )
 
 
@@ -47,12 +48,13 @@ def take_source(x_rank: int, idx_rank: int, axis: int, uses: list[str]) -> str:
         f"    tl.store(O + offs, tl.load(X + {' + '.join(f'{c} * SX{d}' for d, c in enumerate(x_coord))}, mask=mask), "
         "mask=mask)",
     ]
-    return (
+    return named(
         header(f"take along axis {axis} (x rank {x_rank}, index rank {idx_rank})", uses)
         + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
         + f"def kernel({', '.join(params)}, BLOCK: tl.constexpr):\n"
         + "\n".join(body)
-        + "\n"
+        + "\n",
+        f"take_r{x_rank}_i{idx_rank}_axis{axis}",
     )
 
 

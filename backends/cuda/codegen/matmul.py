@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from r1c.backends.cuda.codegen.elementwise import const_expr, emit_ops, header, kind
+from r1c.backends.cuda.codegen.elementwise import const_expr, emit_ops, header, kind, named
 from r1c.ir.core import Op, Value
 
 
@@ -67,32 +67,41 @@ def source(
     # K is a compile-time constant: it is a weight dimension (few distinct values), the k-loop bound is then static,
     # and Triton's interpreter cannot iterate range() over a run-time scalar.
     consts_sig = ", ".join(f"{c}: tl.constexpr" for c in ("K", "BM", "BN", "BK", "GROUP", "PRECISION", "TMA"))
-    return (
+    src = (
         header(title, uses)
         + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
         + f"def kernel({', '.join(params)}, {consts_sig}):\n"
         + "\n".join(body)
         + "\n"
     )
+    return named(src, "_".join(["gemm", root.name] + [o.name for o in epilogue]))
 
 
-# Tiles of A and B through tensor descriptors (Hopper's copy engine) where the operands allow it; the pointer path
-# stays for strided or batched operands (and is what f32 uses: its tiles are small).
-USE_TMA = False
+# Tiles of A and B through tensor descriptors (Hopper's copy engine) where the operands allow it, for the GEMMs
+# where that pays (`config`); None: as `config` says, False/True: always off/on (benchmarks, tests).
+USE_TMA: bool | None = None
+# A GEMM of at least this many multiply-adds loads through descriptors: measured on the H200 (bench/gemm_cuda.py,
+# bench/results/gemm_cuda.json), descriptors win 10-25% on the large V2-Lite GEMMs (lm_head, dense MLP) but lose on
+# small ones, where their per-launch host cost (~0.06 ms) is larger than the kernel.
+TMA_MIN_MACS = 1 << 35
 
 
 def config(m: int, n: int, k: int, dtype: Any, interpret: bool) -> dict[str, Any]:
-    """Tile sizes: small tiles under the interpreter (CPU time), larger ones for the tensor cores on the GPU."""
+    """Tile sizes (and TMA) by shape: small tiles under the interpreter (CPU time); for the tensor cores, measured on
+    the H200 for every V2-Lite linear (bench/gemm_cuda.py): 64x64x128 for decode-shaped M <= 64 (stream the
+    weight), 128x128x64 with 8 warps otherwise, 128x256 for K >= 8192 (down projections) where descriptors are on."""
     import torch
 
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if interpret:
-        return dict(BM=16, BN=32, BK=16, GROUP=4, PRECISION=precision, num_warps=4, num_stages=1)
+        return dict(BM=16, BN=32, BK=16, GROUP=4, PRECISION=precision, num_warps=4, num_stages=1, TMA=False)
     if dtype == torch.float32:
-        return dict(BM=64, BN=64, BK=32, GROUP=8, PRECISION=precision, num_warps=4, num_stages=3)
-    if m <= 64:  # decode-shaped: few rows, stream the weight
-        return dict(BM=64, BN=64, BK=128, GROUP=8, PRECISION=precision, num_warps=4, num_stages=4)
-    return dict(BM=128, BN=128, BK=64, GROUP=8, PRECISION=precision, num_warps=8, num_stages=3)
+        return dict(BM=64, BN=64, BK=32, GROUP=8, PRECISION=precision, num_warps=4, num_stages=3, TMA=False)
+    tma = m * n * k >= TMA_MIN_MACS
+    if m <= 64:
+        return dict(BM=64, BN=64, BK=128, GROUP=8, PRECISION=precision, num_warps=4, num_stages=4, TMA=tma)
+    bn = 256 if tma and k >= 8192 else 128
+    return dict(BM=128, BN=bn, BK=64, GROUP=8, PRECISION=precision, num_warps=8, num_stages=3, TMA=tma)
 
 
 def tma_operands(a: Any, b: Any) -> tuple[Any, Any] | None:
@@ -118,7 +127,8 @@ def launch(
     tma: bool | None = None,
 ) -> None:
     """a [Bt, M, K], b [Bt, K, N] (strided views, batch stride 0 where broadcast); inputs/outputs [Bt, M, N].
-    cfg overrides `config`, tma (None: USE_TMA where the operands allow it) the load path (benchmarks)."""
+    cfg overrides `config`; tma overrides the load path (None: USE_TMA, else what `config` chose, where the operands
+    allow it)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     bt, m, k = a.shape
@@ -126,7 +136,12 @@ def launch(
     if a.dtype != b.dtype:
         raise TypeError(f"cuda GEMM: operand dtypes differ ({a.dtype} vs {b.dtype})")
     cfg = dict(cfg or config(m, n, k, a.dtype, interpret))
-    views = tma_operands(a, b) if (USE_TMA if tma is None else tma) else None
+    chosen = cfg.pop("TMA", False)
+    if tma is None:
+        tma_wanted = chosen if USE_TMA is None else USE_TMA
+    else:
+        tma_wanted = tma
+    views = tma_operands(a, b) if tma_wanted else None
     if tma and views is None:
         raise ValueError("cuda GEMM: tma=True needs an unbatched A with unit K stride, B^T rows, 16-byte alignment")
     ad = TensorDescriptor.from_tensor(views[0], [cfg["BM"], cfg["BK"]]) if views else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from r1c.backends.cuda.codegen.elementwise import header
+from r1c.backends.cuda.codegen.elementwise import header, named
 
 _PRELUDE = "import triton\nimport triton.language as tl\n\n\n"
 
@@ -140,7 +140,7 @@ MAX_ROW = 1 << 16  # single-block rows (rmsnorm, softmax, topk): longer ones are
 
 
 def source(kind_: str, uses: list[str]) -> str:
-    return header(f"row kernel '{kind_}'", uses) + _PRELUDE + SOURCES[kind_]
+    return named(header(f"row kernel '{kind_}'", uses) + _PRELUDE + SOURCES[kind_], f"row_{kind_}")
 
 
 def pow2(n: int) -> int:
