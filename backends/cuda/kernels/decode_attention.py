@@ -95,27 +95,48 @@ def softmax_step(s, m_i, l_i, kn, qpos, hi, WINDOW, SINKS, CAUSAL: tl.constexpr,
 
 
 @triton.jit
+def load_codes(ptrs, nmask, offs_d, D: tl.constexpr):
+    """A [N, BLOCK_D] tile of codes, masked by key, and by dim only where D is padded (keeps 16-byte loads): a
+    padded dim must not read past the row (the last row's would leave the tensor). Masked lanes are undefined."""
+    if D == offs_d.shape[0]:
+        t = tl.load(ptrs, mask=nmask[:, None])
+    else:
+        t = tl.load(ptrs, mask=nmask[:, None] & (offs_d[None, :] < D))
+    return t
+
+
+@triton.jit
 def _kvq_tile(
     acc, m_i, l_i, q, n0, k_base, v_base, ks_base, vs_base, sk_n, sv_n, sks_n, sks_d, svs_n, svs_d,
     offs_n, offs_dk, offs_dv, qpos, hi, WINDOW, SINKS, qk_scale,
     K_TOK: tl.constexpr, K_FULL: tl.constexpr, V_TOK: tl.constexpr, V_FULL: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
 ):  # fmt: skip
     """Several query rows: scores and P V on the tensor cores, in q's dtype."""
     kn = n0 + offs_n
     nmask = kn < hi
-    k = tl.load(k_base + kn[:, None] * sk_n + offs_dk[None, :], mask=nmask[:, None])  # no `other`: fp8 (see below)
+    k = load_codes(k_base + kn[:, None] * sk_n + offs_dk[None, :], nmask, offs_dk, DK)  # no `other`: fp8 (below)
+    if DK < offs_dk.shape[0]:  # padded dims: q is 0 there, but 0 * NaN (undefined fp8 bits) is NaN
+        k = tl.where(offs_dk[None, :] < DK, k.to(q.dtype), 0.0)
     if K_FULL:
-        k = k.to(tl.float32) * tl.load(ks_base + kn[:, None] * sks_n + offs_dk[None, :] * sks_d, mask=nmask[:, None])
+        k = k.to(tl.float32) * tl.load(
+            ks_base + kn[:, None] * sks_n + offs_dk[None, :] * sks_d,
+            mask=nmask[:, None] & (offs_dk[None, :] < DK),
+            other=0.0,
+        )
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)
     if K_TOK:
         s = s * tl.load(ks_base + kn * sks_n, mask=nmask, other=0.0)[None, :]
     # masked keys hold undefined codes (the interpreter cannot cast `other` to fp8); softmax_step drops them
     p, alpha, m_i, l_i = softmax_step(s * qk_scale, m_i, l_i, kn, qpos, hi, WINDOW, SINKS, CAUSAL, HAS_WINDOW)
-    v = tl.load(v_base + kn[:, None] * sv_n + offs_dv[None, :], mask=nmask[:, None])
+    v = load_codes(v_base + kn[:, None] * sv_n + offs_dv[None, :], nmask, offs_dv, DV)
     if V_FULL:
-        v = v.to(tl.float32) * tl.load(vs_base + kn[:, None] * svs_n + offs_dv[None, :] * svs_d, mask=nmask[:, None])
-    v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)  # p = 0 there, but 0 * NaN is NaN
+        v = v.to(tl.float32) * tl.load(
+            vs_base + kn[:, None] * svs_n + offs_dv[None, :] * svs_d,
+            mask=nmask[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
+    v = tl.where(nmask[:, None], v.to(q.dtype), 0.0)  # p = 0 there, but 0 * NaN is NaN (padded dims: not stored)
     if V_TOK:
         p = p * tl.load(vs_base + kn * svs_n, mask=nmask, other=0.0)[None, :]
     return tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=PREC), m_i, l_i
@@ -123,12 +144,12 @@ def _kvq_tile(
 
 @triton.jit
 def _vec_load(n0, hi, k_base, v_base, ks_base, vs_base, sk_n, sv_n, sks_n, svs_n, offs_n, offs_dk, offs_dv,
-              K_TOK: tl.constexpr, V_TOK: tl.constexpr):  # fmt: skip
+              K_TOK: tl.constexpr, V_TOK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):  # fmt: skip
     """The codes (and per-token scales) of keys n0 .. n0 + BLOCK_N: issued one tile ahead of their use."""
     kn = n0 + offs_n
     nmask = kn < hi
-    k = tl.load(k_base + kn[:, None] * sk_n + offs_dk[None, :], mask=nmask[:, None])
-    v = tl.load(v_base + kn[:, None] * sv_n + offs_dv[None, :], mask=nmask[:, None])
+    k = load_codes(k_base + kn[:, None] * sk_n + offs_dk[None, :], nmask, offs_dk, DK)
+    v = load_codes(v_base + kn[:, None] * sv_n + offs_dv[None, :], nmask, offs_dv, DV)
     kt = tl.load(ks_base + kn * sks_n, mask=nmask, other=0.0) if K_TOK else tl.zeros([offs_n.shape[0]], tl.float32)
     vt = tl.load(vs_base + kn * svs_n, mask=nmask, other=0.0) if V_TOK else tl.zeros([offs_n.shape[0]], tl.float32)
     return k, v, kt, vt
@@ -139,15 +160,21 @@ def _kvq_tile_vec(
     acc, m_s, l_s, q, n0, k, v, kt, vt, ks_base, vs_base, sks_n, sks_d, svs_n, svs_d,
     offs_n, offs_dk, offs_dv, qpos, hi, WINDOW, SINKS, qk_scale,
     K_TOK: tl.constexpr, K_FULL: tl.constexpr, V_TOK: tl.constexpr, V_FULL: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
 ):  # fmt: skip
     """One query row: an online softmax per key slot n (keys n, n + BLOCK_N, ...), with acc [BLOCK_N, DV], so the
     loop has no reduction across warps; the slots are merged once after it (merge_slots)."""
     kn = n0 + offs_n
     nmask = kn < hi
     k = k.to(tl.float32)
+    if DK < offs_dk.shape[0]:  # padded dims: q is 0 there, but 0 * NaN (undefined fp8 bits) is NaN
+        k = tl.where(offs_dk[None, :] < DK, k, 0.0)
     if K_FULL:
-        k = k * tl.load(ks_base + kn[:, None] * sks_n + offs_dk[None, :] * sks_d, mask=nmask[:, None])
+        k = k * tl.load(
+            ks_base + kn[:, None] * sks_n + offs_dk[None, :] * sks_d,
+            mask=nmask[:, None] & (offs_dk[None, :] < DK),
+            other=0.0,
+        )
     s = tl.sum(k * q[None, :], 1)
     if K_TOK:
         s = s * kt
@@ -164,7 +191,11 @@ def _kvq_tile_vec(
     l_s = l_s * alpha + p
     v = v.to(tl.float32)
     if V_FULL:
-        v = v * tl.load(vs_base + kn[:, None] * svs_n + offs_dv[None, :] * svs_d, mask=nmask[:, None])
+        v = v * tl.load(
+            vs_base + kn[:, None] * svs_n + offs_dv[None, :] * svs_d,
+            mask=nmask[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
     v = tl.where(nmask[:, None], v, 0.0)  # p = 0 there, but 0 * NaN (an undefined fp8 code) is NaN
     if V_TOK:
         p = p * vt
@@ -237,24 +268,24 @@ def _kvq_kernel(
         qp = SKV - SQ  # the only row's position (SQ = 1)
         # register double buffering: the next tile's loads are in flight while this one is computed
         k, v, kt, vt = _vec_load(lo, hi, k_base, v_base, ks_base, vs_base, skn, svn, sksn, svsn, offs_n, offs_dk,
-                                 offs_dv, K_TOK, V_TOK)  # fmt: skip
+                                 offs_dv, K_TOK, V_TOK, DK, DV)  # fmt: skip
         if INTERPRET:  # the interpreter cannot take range() of a run-time scalar (numpy 2 refuses int() of it)
             n0 = lo
             while n0 < hi:
                 k1, v1, kt1, vt1 = _vec_load(n0 + BLOCK_N, hi, k_base, v_base, ks_base, vs_base, skn, svn, sksn, svsn,
-                                             offs_n, offs_dk, offs_dv, K_TOK, V_TOK)  # fmt: skip
+                                             offs_n, offs_dk, offs_dv, K_TOK, V_TOK, DK, DV)  # fmt: skip
                 acc_s, m_s, l_s = _kvq_tile_vec(acc_s, m_s, l_s, qv, n0, k, v, kt, vt, ks_base, vs_base, sksn, sksd,
                                                 svsn, svsd, offs_n, offs_dk, offs_dv, qp, hi, WINDOW, SINKS, qk_scale,
-                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW)  # fmt: skip
+                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW, DK, DV)  # fmt: skip
                 k, v, kt, vt = k1, v1, kt1, vt1
                 n0 += BLOCK_N
         else:
             for n0 in range(lo, hi, BLOCK_N):
                 k1, v1, kt1, vt1 = _vec_load(n0 + BLOCK_N, hi, k_base, v_base, ks_base, vs_base, skn, svn, sksn, svsn,
-                                             offs_n, offs_dk, offs_dv, K_TOK, V_TOK)  # fmt: skip
+                                             offs_n, offs_dk, offs_dv, K_TOK, V_TOK, DK, DV)  # fmt: skip
                 acc_s, m_s, l_s = _kvq_tile_vec(acc_s, m_s, l_s, qv, n0, k, v, kt, vt, ks_base, vs_base, sksn, sksd,
                                                 svsn, svsd, offs_n, offs_dk, offs_dv, qp, hi, WINDOW, SINKS, qk_scale,
-                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW)  # fmt: skip
+                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW, DK, DV)  # fmt: skip
                 k, v, kt, vt = k1, v1, kt1, vt1
         acc, m_i, l_i = merge_slots(acc_s, m_s, l_s)
     else:
@@ -267,14 +298,14 @@ def _kvq_kernel(
                 acc, m_i, l_i = _kvq_tile(acc, m_i, l_i, q, n0, k_base, v_base, ks_base, vs_base, skn, svn, sksn,
                                           sksd, svsn, svsd, offs_n, offs_dk, offs_dv, qpos, hi, WINDOW, SINKS,
                                           qk_scale, K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW,
-                                          PREC)  # fmt: skip
+                                          PREC, DK, DV)  # fmt: skip
                 n0 += BLOCK_N
         else:
             for n0 in range(lo, hi, BLOCK_N):
                 acc, m_i, l_i = _kvq_tile(acc, m_i, l_i, q, n0, k_base, v_base, ks_base, vs_base, skn, svn, sksn,
                                           sksd, svsn, svsd, offs_n, offs_dk, offs_dv, qpos, hi, WINDOW, SINKS,
                                           qk_scale, K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW,
-                                          PREC)  # fmt: skip
+                                          PREC, DK, DV)  # fmt: skip
     if not V_TOK and not V_FULL:  # per-channel value scale: sum_j p_j v_jd s_d = s_d * sum_j p_j v_jd
         acc = acc * tl.load(vs_base + offs_dv * svsd, mask=offs_dv < DV, other=0.0)[None, :]
     store_partial(acc, m_i, l_i, OUT, MP, LP, AP, b * sob + h * soh + i * sos, bh * nrows + rows, split, NSPLIT,

@@ -61,17 +61,20 @@ def _mla_tile(
     lat = _load_codes(l_base, kn, sl_n, offs_c, nmask, C, BLOCK_C)
     if L_FULL:
         lat = lat.to(tl.float32) * tl.load(ls_base + kn[:, None] * sls_n + offs_c[None, :] * sls_c,
-                                           mask=nmask[:, None] & (offs_c[None, :] < C))  # fmt: skip
-    # masked keys hold undefined codes (no fp8 `other` in the interpreter): zero them, the latent is also V
-    lat = tl.where(nmask[:, None], lat.to(q_lat.dtype), 0.0)
+                                           mask=nmask[:, None] & (offs_c[None, :] < C), other=0.0)  # fmt: skip
+    # masked keys (and padded dims) hold undefined codes (no fp8 `other` in the interpreter): zero them, the latent
+    # is also V, and 0 * NaN is NaN
+    lat = tl.where(nmask[:, None] & (offs_c[None, :] < C), lat.to(q_lat.dtype), 0.0)
     rot = _load_codes(r_base, kn, sr_n, offs_r, nmask, DR, BLOCK_DR)
     if R_FULL:
         rot = rot.to(tl.float32) * tl.load(rs_base + kn[:, None] * srs_n + offs_r[None, :] * srs_d,
-                                           mask=nmask[:, None] & (offs_r[None, :] < DR))  # fmt: skip
+                                           mask=nmask[:, None] & (offs_r[None, :] < DR), other=0.0)  # fmt: skip
     s = tl.dot(q_lat, tl.trans(lat), input_precision=PREC)
     if L_TOK:
         ls = tl.load(ls_base + kn * sls_n, mask=nmask, other=0.0)
         s = s * ls[None, :]
+    if DR < BLOCK_DR:
+        rot = tl.where(offs_r[None, :] < DR, rot.to(q_rope.dtype), 0.0)
     s_rot = tl.dot(q_rope, tl.trans(rot.to(q_rope.dtype)), input_precision=PREC)
     if R_TOK:
         s_rot = s_rot * tl.load(rs_base + kn * srs_n, mask=nmask, other=0.0)[None, :]
