@@ -17,6 +17,17 @@ def median_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 2
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_ms(fn: Callable[[], object], calls: int = 20) -> float:
+    """Median time of one call, replaying a CUDA graph of `calls` calls: GPU time without host launch gaps."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return median_ms(g.replay) / calls
+
+
 @dataclass(frozen=True)
 class Floor:
     bf16_tflops: float  # measured dense bf16 matmul rate
