@@ -237,11 +237,13 @@ def run_tokens(fl, t: int) -> dict:
         "r1c": median_ms(lambda: r1c_layer(x, ids, wts, w1, w2, up, down)),
         "r1c_fused": median_ms(lambda: r1c_fused_layer(x, ids, wts, w1, w2, up, down)),
         "r1c_default_configs": median_ms(lambda: r1c_layer(x, ids, wts, w1, w2)),
-        # GPU time alone (no host gaps between the 7 launches): how the layer runs inside a captured model
-        "r1c_graph": graph_ms(lambda: r1c_layer(x, ids, wts, w1, w2, up, down), calls=4),
         "torch_grouped_mm": median_ms(lambda: torch_layer(x, ids, wts, w1, w2)),
         "hf_eager": median_ms(lambda: hf_layer(x, ids, wts, w1, w2), rep_ms=100),
     }
+    try:  # GPU time alone (no host gaps between the 7 launches): how the layer runs inside a captured model
+        ms["r1c_graph"] = graph_ms(lambda: r1c_layer(x, ids, wts, w1, w2, up, down), calls=4)
+    except Exception as exc:  # report, keep the other numbers
+        res["r1c_graph_error"] = repr(exc)[:500]
     res["best_configs"] = {"gate_up": up.__dict__, "down": down.__dict__}
     floor, flops, bytes_ = floor_ms(fl, t, ids)
     res.update(ms=ms, floor_ms=floor, flops=flops, bytes=bytes_)
@@ -287,7 +289,7 @@ def main() -> None:
         comp = ms.get("torch_compiled", float("nan"))
         cells = " ".join(f"{ms.get(n, float('nan')):>16.3f}" for n in names)
         ratios = f"{ms['torch_grouped_mm'] / mine:>6.2f} {comp / mine:>6.2f} {r['floor_ms'] / mine:>9.2f}"
-        ratios += f" {r['floor_ms'] / ms['r1c_graph']:>11.2f}"
+        ratios += f" {r['floor_ms'] / ms.get('r1c_graph', float('nan')):>11.2f}"
         print(f"{t:>6} {cells} {r['floor_ms']:>8.3f} {mine:>9.3f} {ratios}")
     ok = all(
         v < 1e-2 for r in RESULTS["tokens"].values() for k, v in r.get("rel_err", {}).items() if k.startswith("r1c")
