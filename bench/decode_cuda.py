@@ -140,23 +140,15 @@ def bench_mha_format(fmt: str, q, k, v, scale: float, floor, sdpa_ms: float) -> 
     with torch.no_grad():  # fp32 torch math on the dequantized cache
         ref = F.scaled_dot_product_attention(q.float(), kq.float() * ks, vq.float() * vs, scale=scale)
     nbytes = kq.numel() + vq.numel() + 4 * (ks.numel() + vs.numel()) + 2 * 2 * q.numel()
-    # int8: each config with both code conversions (I2F, and the integer-add trick of codes_to_f32)
-    magics = (True, False) if fmt == "int8" else (False,)
     configs = [
-        (sp, bn, nw, 2, mg)
-        for sp in (2, 4, 8)
-        for bn in (16, 32, 64)
-        for nw in (2, 4, 8)
-        for mg in magics
-        if bn * 128 >= nw * 512 and not (bn == 64 and nw == 2)
+        (sp, bn, nw, 2) for sp in (2, 4, 8) for bn in (16, 32, 64, 128) for nw in (2, 4, 8) if bn * 128 >= nw * 512
     ]
     results = []
-    for sp, bn, nw, st, mg in configs:
+    for sp, bn, nw, st in configs:
 
-        def fn(sp=sp, bn=bn, nw=nw, st=st, mg=mg):
+        def fn(sp=sp, bn=bn, nw=nw, st=st):
             return da.attention_kvq_run(q, kq, ks, vq, vs, scale=scale, causal=True, window=0, sinks=0, bits=8,
-                                        splits=sp, block_n=bn, num_warps=nw, num_stages=st,
-                                        magic_int8=mg)  # fmt: skip
+                                        splits=sp, block_n=bn, num_warps=nw, num_stages=st)  # fmt: skip
 
         try:
             out = fn()
@@ -164,23 +156,16 @@ def bench_mha_format(fmt: str, q, k, v, scale: float, floor, sdpa_ms: float) -> 
             print(f"config {(sp, bn, nw, st)} failed: {str(e).splitlines()[0][:100]}")
             continue
         err = rel(out, ref)
-        results.append((median_ms(fn), err, sp, bn, nw, st, mg))
-        print(f"mha {fmt} splits={sp} block_n={bn} warps={nw} stages={st} magic={mg}: {results[-1][0]:.4f} ms "
-              f"err {err:.1e}")  # fmt: skip
-    ms, err, sp, bn, nw, st, mg = min(results)
+        results.append((median_ms(fn), err, sp, bn, nw, st))
+        print(f"mha {fmt} splits={sp} block_n={bn} warps={nw} stages={st}: {results[-1][0]:.4f} ms err {err:.1e}")
+    ms, err, sp, bn, nw, st = min(results)
     check(f"attention_kvq {fmt} B32 S4096 best config vs fp32 torch", err)
     check(f"attention_kvq {fmt} all configs (worst) vs fp32 torch", max(r[1] for r in results))
     attrs = registry.get("attention_kvq").complete_attrs({"scale": scale, "causal": True})
     launch = get_launcher("attention_kvq")
     default = median_ms(lambda: launch(q, kq, ks, vq, vs, **attrs))
-    row(f"attention_kvq {fmt} KV best (sp{sp} bn{bn} w{nw} st{st}{' int-add' if mg else ''})", ms, nbytes, floor,
-        sdpa_ms, sweep=[dict(zip(("ms", "err", "splits", "block_n", "warps", "stages", "int_add"), r))
-                        for r in results])  # fmt: skip
-    if fmt == "int8":  # the best config of each conversion
-        for flag, name in ((True, "integer add"), (False, "I2F")):
-            b_ms, _, b_sp, b_bn, b_nw, b_st, _ = min(r for r in results if r[6] == flag)
-            row(f"attention_kvq int8 KV best with {name} (sp{b_sp} bn{b_bn} w{b_nw} st{b_st})", b_ms, nbytes, floor,
-                sdpa_ms)  # fmt: skip
+    row(f"attention_kvq {fmt} KV best (sp{sp} bn{bn} w{nw} st{st})", ms, nbytes, floor, sdpa_ms,
+        sweep=[dict(zip(("ms", "err", "splits", "block_n", "warps", "stages"), r)) for r in results])  # fmt: skip
     row(f"attention_kvq {fmt} KV launcher defaults", default, nbytes, floor, sdpa_ms)
     if fmt == "int8":
         qk_ms = median_ms(lambda: quantize(k, "int8", "per_channel", 2))

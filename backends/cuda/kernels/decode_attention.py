@@ -31,8 +31,6 @@ from r1c.backends.cuda.launchers import launcher
 
 LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# One-row int8 codes to float by integer add + float subtract instead of I2F (codes_to_f32); the benchmark A/Bs it.
-MAGIC_INT8 = True
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 CODES = (torch.int8, torch.float8_e4m3fn)
 MAX_HEAD_DIM = 256
@@ -94,18 +92,6 @@ def softmax_step(s, m_i, l_i, kn, qpos, hi, WINDOW, SINKS, CAUSAL: tl.constexpr,
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def codes_to_f32(c, MAGIC: tl.constexpr):
-    """Codes as float32. int8 through the float 1.5 * 2^23 + n (bits 0x4B400000 + n, exact for |n| < 2^22): an
-    integer add and a float subtract on full-rate pipes instead of I2F, whose quarter rate bounds the one-row int8
-    loop on the H200 (32 I2F a thread per tile: 0.13 ms of the 0.19 ms at B32 S4096; bench/decode_cuda_notes.md)."""
-    if MAGIC and c.dtype == tl.int8:
-        f = (c.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    else:
-        f = c.to(tl.float32)
-    return f
 
 
 @triton.jit
@@ -174,13 +160,13 @@ def _kvq_tile_vec(
     acc, m_s, l_s, q, n0, k, v, kt, vt, ks_base, vs_base, sks_n, sks_d, svs_n, svs_d,
     offs_n, offs_dk, offs_dv, qpos, hi, WINDOW, SINKS, qk_scale,
     K_TOK: tl.constexpr, K_FULL: tl.constexpr, V_TOK: tl.constexpr, V_FULL: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, MAGIC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
 ):  # fmt: skip
     """One query row: an online softmax per key slot n (keys n, n + BLOCK_N, ...), with acc [BLOCK_N, DV], so the
     loop has no reduction across warps; the slots are merged once after it (merge_slots)."""
     kn = n0 + offs_n
     nmask = kn < hi
-    k = codes_to_f32(k, MAGIC)
+    k = k.to(tl.float32)
     if DK < offs_dk.shape[0]:  # padded dims: q is 0 there, but 0 * NaN (undefined fp8 bits) is NaN
         k = tl.where(offs_dk[None, :] < DK, k, 0.0)
     if K_FULL:
@@ -203,7 +189,7 @@ def _kvq_tile_vec(
     p = tl.math.exp2(s - m_use)
     alpha = tl.math.exp2(m_s - m_use)
     l_s = l_s * alpha + p
-    v = codes_to_f32(v, MAGIC)
+    v = v.to(tl.float32)
     if V_FULL:
         v = v * tl.load(
             vs_base + kn[:, None] * svs_n + offs_dv[None, :] * svs_d,
@@ -237,7 +223,7 @@ def _kvq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_TOK: tl.constexpr, K_FULL: tl.constexpr, V_TOK: tl.constexpr, V_FULL: tl.constexpr, VEC: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
-    INTERPRET: tl.constexpr, MAGIC: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     tile = tl.program_id(1)
@@ -290,8 +276,7 @@ def _kvq_kernel(
                                              offs_n, offs_dk, offs_dv, K_TOK, V_TOK, DK, DV)  # fmt: skip
                 acc_s, m_s, l_s = _kvq_tile_vec(acc_s, m_s, l_s, qv, n0, k, v, kt, vt, ks_base, vs_base, sksn, sksd,
                                                 svsn, svsd, offs_n, offs_dk, offs_dv, qp, hi, WINDOW, SINKS, qk_scale,
-                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW, DK, DV,
-                                                MAGIC)  # fmt: skip
+                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW, DK, DV)  # fmt: skip
                 k, v, kt, vt = k1, v1, kt1, vt1
                 n0 += BLOCK_N
         else:
@@ -300,8 +285,7 @@ def _kvq_kernel(
                                              offs_n, offs_dk, offs_dv, K_TOK, V_TOK, DK, DV)  # fmt: skip
                 acc_s, m_s, l_s = _kvq_tile_vec(acc_s, m_s, l_s, qv, n0, k, v, kt, vt, ks_base, vs_base, sksn, sksd,
                                                 svsn, svsd, offs_n, offs_dk, offs_dv, qp, hi, WINDOW, SINKS, qk_scale,
-                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW, DK, DV,
-                                                MAGIC)  # fmt: skip
+                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW, DK, DV)  # fmt: skip
                 k, v, kt, vt = k1, v1, kt1, vt1
         acc, m_i, l_i = merge_slots(acc_s, m_s, l_s)
     else:
@@ -400,7 +384,6 @@ def attention_kvq_run(
     q: torch.Tensor, k_q: torch.Tensor, k_scale: torch.Tensor, v_q: torch.Tensor, v_scale: torch.Tensor,
     *, scale: float, causal: bool, window: int, sinks: int, bits: int,
     splits: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-    magic_int8: bool = MAGIC_INT8,
 ) -> torch.Tensor:  # fmt: skip
     """attention_kvq (dense form) with explicit tuning knobs (the launcher uses the defaults; the benchmark sweeps).
     Defaults from the H100 sweep in bench/decode_cuda_notes.md: one row, 32 keys x 4 warps (32 codes of K and of V a
@@ -445,7 +428,7 @@ def attention_kvq_run(
         BLOCK_M=block_m, BLOCK_N=block_n, K_TOK=k_tok, K_FULL=k_full, V_TOK=v_tok, V_FULL=v_full,
         VEC=block_m == 1, CAUSAL=bool(causal), HAS_WINDOW=bool(causal and window > 0),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", DIRECT=splits == 1, INTERPRET=INTERPRET,
-        MAGIC=magic_int8, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         merge(mp, lp, ap, out, nrows, bsz * hkv, hkv, g, sq, splits)
