@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import r1c
 from r1c.backends.cuda.lower import LoweringError
@@ -234,3 +236,28 @@ def test_bad_option_is_an_error(tmp_path):
         r1c.compile(module, target="cuda", out_dir=tmp_path / "a", options={"dtype": "fp8"})
     with pytest.raises(ValueError, match="no option"):
         r1c.compile(module, target="cuda", out_dir=tmp_path / "a", options={"bogus": 1})
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_tiled_elementwise_and_copies_any_shape(tmp_path_factory, data):
+    """Row-tile kernels on random shapes: a transposed operand (strided last dim), a broadcast row, a reshape of the
+    transpose (a copy) and a fused exp/mul/add group, all against the reference."""
+    rank = data.draw(st.integers(1, 4), label="rank")
+    shape = data.draw(st.lists(st.integers(1, 37), min_size=rank, max_size=rank), label="shape")
+    perm = data.draw(st.permutations(range(rank)), label="perm")
+    tshape = [shape[p] for p in perm]
+    dims = lambda s: ",".join(map(str, s))  # noqa: E731
+    n = int(np.prod(shape))
+    text = f"""module @m {{
+  func @forward(%x: f32[{dims(shape)}], %b: f32[{tshape[-1]}]) -> (f32[{dims(tshape)}], f32[{n}]) {{
+    %t = transpose(%x) {{perm=[{dims(perm)}]}} : f32[{dims(tshape)}]
+    %e = exp(%t) : f32[{dims(tshape)}]
+    %m = mul(%e, %b) : f32[{dims(tshape)}]
+    %a = add(%m, %t) : f32[{dims(tshape)}]
+    %r = reshape(%t) {{shape=[{n}]}} : f32[{n}]
+    return %a, %r
+  }}
+}}"""
+    rng = np.random.default_rng(n)
+    check(text, tmp_path_factory.mktemp("tile"), [rand(rng, *shape), rand(rng, tshape[-1])])
