@@ -25,9 +25,8 @@ import torch
 
 import r1c
 from r1c.backends.cuda.runtime import _PROGRAMS, program
-from r1c.frontends.hf.config import config_from_hf
 from r1c.ir.interpreter import init_weights
-from r1c.train.torch_ref import hf_state_dict
+from r1c.train.torch_ref import hf_config_dict, hf_state_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_floor import measure, median_ms  # noqa: E402
@@ -42,57 +41,10 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-def v2_config(attrs: dict[str, Any]) -> dict[str, Any]:
-    """A DeepseekV2Config dict for V2-style r1c constants (softmax scores, greedy top-k), checked by a round trip
-    through r1c's HF frontend."""
-    cfg = {
-        "model_type": "deepseek_v2",
-        "vocab_size": attrs["vocab_size"],
-        "hidden_size": attrs["hidden_size"],
-        "intermediate_size": attrs["intermediate_size"],
-        "moe_intermediate_size": attrs["moe_intermediate_size"],
-        "num_hidden_layers": attrs["num_layers"],
-        "num_attention_heads": attrs["num_heads"],
-        "num_key_value_heads": attrs["num_heads"],
-        "n_shared_experts": attrs["n_shared_experts"],
-        "n_routed_experts": attrs["n_routed_experts"],
-        "num_experts_per_tok": attrs["experts_per_tok"],
-        "first_k_dense_replace": attrs["first_k_dense"],
-        "n_group": attrs["n_group"],
-        "topk_group": attrs["topk_group"],
-        "topk_method": "greedy",
-        "norm_topk_prob": attrs["norm_topk_prob"],
-        "routed_scaling_factor": attrs["routed_scaling_factor"],
-        "q_lora_rank": attrs["q_lora_rank"] or None,
-        "kv_lora_rank": attrs["kv_lora_rank"],
-        "qk_nope_head_dim": attrs["qk_nope_head_dim"],
-        "qk_rope_head_dim": attrs["qk_rope_head_dim"],
-        "v_head_dim": attrs["v_head_dim"],
-        "rms_norm_eps": attrs["rms_eps"],
-        "tie_word_embeddings": attrs["tie_embeddings"],
-        "max_position_embeddings": int(attrs["rope_original_max_position"] * attrs["rope_factor"]),
-        "rope_parameters": {
-            "rope_type": "yarn",
-            "rope_theta": attrs["rope_theta"],
-            "factor": attrs["rope_factor"],
-            "original_max_position_embeddings": attrs["rope_original_max_position"],
-            "beta_fast": attrs["rope_beta_fast"],
-            "beta_slow": attrs["rope_beta_slow"],
-            "mscale": attrs["rope_mscale"],
-            "mscale_all_dim": attrs["rope_mscale_all_dim"],
-        },
-    }
-    back = config_from_hf(cfg)
-    differ = {k: (v, attrs.get(k)) for k, v in back.items() if attrs.get(k) != v}
-    if differ:
-        raise ValueError(f"V2 config does not survive the HF round trip: {differ}")
-    return cfg
-
-
 def hf_v2(attrs: dict[str, Any], weights: dict[str, np.ndarray], dtype: torch.dtype, device: str):
     import transformers
 
-    cfg = {k: v for k, v in v2_config(attrs).items() if k != "model_type"}
+    cfg = {k: v for k, v in hf_config_dict(attrs).items() if k != "model_type"}
     with torch.device(device):
         model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**cfg, attn_implementation="sdpa"))
     model = model.to(dtype).eval()

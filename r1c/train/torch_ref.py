@@ -18,11 +18,17 @@ class ExportError(ValueError):
 
 
 def hf_config_dict(attrs: dict[str, Any]) -> dict[str, Any]:
-    """A `DeepseekV3Config` dict whose model `r1c.frontends.hf` maps back to exactly these config constants."""
-    if attrs.get("scoring") != "sigmoid" or attrs.get("group_score") != "top2sum" or not attrs.get("use_score_bias"):
-        raise ExportError("only DeepSeek-V3-style routing (sigmoid scores, top2sum groups, score bias) exports to HF")
+    """A `DeepseekV3Config` (or, for V2-style routing, `DeepseekV2Config`) dict whose model `r1c.frontends.hf` maps
+    back to exactly these config constants."""
+    v3 = attrs.get("scoring") == "sigmoid" and attrs.get("group_score") == "top2sum" and attrs.get("use_score_bias")
+    v2 = attrs.get("scoring") == "softmax" and attrs.get("group_score") == "max" and not attrs.get("use_score_bias")
+    if not (v2 or v3):
+        raise ExportError(
+            "only DeepSeek-V3-style routing (sigmoid scores, top2sum groups, score bias) or V2-style routing "
+            "(softmax scores, max groups, no bias) exports to HF"
+        )
     cfg: dict[str, Any] = {
-        "model_type": "deepseek_v3",
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
         "vocab_size": attrs["vocab_size"],
         "hidden_size": attrs["hidden_size"],
         "intermediate_size": attrs["intermediate_size"],
@@ -43,12 +49,15 @@ def hf_config_dict(attrs: dict[str, Any]) -> dict[str, Any]:
         "qk_nope_head_dim": attrs["qk_nope_head_dim"],
         "qk_rope_head_dim": attrs["qk_rope_head_dim"],
         "v_head_dim": attrs["v_head_dim"],
-        "rope_interleave": attrs["rope_interleave"],
         "rms_norm_eps": attrs["rms_eps"],
         "initializer_range": attrs["init_std"],
         "tie_word_embeddings": attrs["tie_embeddings"],
         "max_position_embeddings": attrs["rope_original_max_position"],
     }
+    if v3:
+        cfg["rope_interleave"] = attrs["rope_interleave"]
+    else:
+        cfg["topk_method"] = "greedy" if attrs["n_group"] == 1 else "group_limited_greedy"
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": attrs["rope_theta"]}
     if attrs["rope_scaling"] == "yarn":
         cfg["max_position_embeddings"] = int(attrs["rope_original_max_position"] * attrs["rope_factor"])

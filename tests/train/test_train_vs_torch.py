@@ -3,6 +3,8 @@ init on the same batches gives the same loss curve (within 1e-3 per step), and t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -37,6 +39,14 @@ def test_sgd_momentum_matches_torch(tiny, corpus_tokens) -> None:
     assert np.abs(np.array(result["r1c_loss"]) - np.array(result["torch_loss"])).max() < 1e-3
 
 
-def test_export_refuses_v2_routing(tiny) -> None:
+def test_export_refuses_mixed_routing(tiny) -> None:
     with pytest.raises(ValueError, match="only DeepSeek-V3-style routing"):
-        hf_config_dict({**tiny.attrs, "scoring": "softmax"})
+        hf_config_dict({**tiny.attrs, "scoring": "softmax"})  # softmax scores with V3's top2sum groups and bias
+
+
+def test_export_v2_routing_round_trips() -> None:
+    import r1c
+
+    lite = r1c.load(Path(__file__).parents[2] / "examples" / "deepseek-v2-lite.r1", overrides={"num_layers": 2})
+    cfg = hf_config_dict(dict(lite.attrs))  # raises unless the HF frontend reads back the same constants
+    assert cfg["model_type"] == "deepseek_v2" and cfg["topk_method"] == "greedy"
