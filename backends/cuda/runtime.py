@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -370,10 +371,10 @@ class Program:
             raise CudaRuntimeError("cuda_graph=True needs a CUDA device (not the Triton interpreter)")
         if cuda_graph:
             return self._graph(inputs)
-        if interpreting():  # the interpreter computes masked-off lanes too (0/0 there is expected, not a warning)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                return self.run_torch(inputs)
-        return self.run_torch(inputs)
+        # the interpreter computes masked-off lanes too: 0/0 there is expected, not a warning
+        quiet = np.errstate(divide="ignore", invalid="ignore", over="ignore") if interpreting() else nullcontext()
+        with quiet:
+            return self.run_torch(inputs)
 
     def run(self, inputs: list[np.ndarray], cuda_graph: bool = False) -> list[np.ndarray]:
         outs = self.forward(self.to_device([np.asarray(x) for x in inputs]), cuda_graph)

@@ -138,13 +138,18 @@ def tile_index(rank: int, indent: str = "    ") -> list[str]:
     return lines
 
 
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def tile_grid(shape: tuple[int, ...]) -> tuple[tuple[int, int], dict[str, int], int]:
     """(grid, constexprs, rows R) of a tile-form launch over `shape` (rank >= 1): BLOCK covers the last dim (up to
     1024), ROWS as many rows as make ~2048 elements a program."""
     last = shape[-1]
     rows = math.prod(shape[:-1])
-    block = min(1024, 1 << max(0, (last - 1).bit_length()))
-    nrows = min(max(1, 2048 // block), 1 << max(0, (rows - 1).bit_length()))
+    block = min(1024, pow2(last))
+    nrows = min(max(1, 2048 // block), pow2(rows))
     return (-(-rows // nrows), -(-last // block)), {"ROWS": nrows, "BLOCK": block}, rows
 
 

@@ -136,12 +136,9 @@ def launch(
     if a.dtype != b.dtype:
         raise TypeError(f"cuda GEMM: operand dtypes differ ({a.dtype} vs {b.dtype})")
     cfg = dict(cfg or config(m, n, k, a.dtype, interpret))
-    chosen = cfg.pop("TMA", False)
-    if tma is None:
-        tma_wanted = chosen if USE_TMA is None else USE_TMA
-    else:
-        tma_wanted = tma
-    views = tma_operands(a, b) if tma_wanted else None
+    by_shape = cfg.pop("TMA", False)
+    wanted = next(x for x in (tma, USE_TMA, by_shape) if x is not None)  # the first that is set decides
+    views = tma_operands(a, b) if wanted else None
     if tma and views is None:
         raise ValueError("cuda GEMM: tma=True needs an unbatched A with unit K stride, B^T rows, 16-byte alignment")
     ad = TensorDescriptor.from_tensor(views[0], [cfg["BM"], cfg["BK"]]) if views else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from r1c.backends.cuda.codegen.elementwise import header, named
+from r1c.backends.cuda.codegen.elementwise import header, named, pow2
 
 _PRELUDE = "import triton\nimport triton.language as tl\n\n\n"
 
@@ -141,10 +141,6 @@ MAX_ROW = 1 << 16  # single-block rows (rmsnorm, softmax, topk): longer ones are
 
 def source(kind_: str, uses: list[str]) -> str:
     return named(header(f"row kernel '{kind_}'", uses) + _PRELUDE + SOURCES[kind_], f"row_{kind_}")
-
-
-def pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def check_row(op: str, n: int) -> None:

@@ -194,8 +194,8 @@ def tma_ok(k: torch.Tensor, v: torch.Tensor, block_k: int, even: bool) -> bool:
     return (
         even
         and (INTERPRET or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9))
-        and all(t.is_contiguous() and t.shape[3] * t.element_size() % 16 == 0 for t in (k, v))
-        and all(t.data_ptr() % 16 == 0 for t in (k, v))
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (k, v))
+        and all(t.shape[3] * t.element_size() % 16 == 0 for t in (k, v))
         and k.shape[2] % block_k == 0
     )
 

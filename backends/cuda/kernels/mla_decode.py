@@ -26,6 +26,7 @@ from r1c.backends.cuda.kernels.decode_attention import (
     check_codes,
     check_mask_form,
     check_scale,
+    load_codes,
     merge,
     partials,
     pick_splits,
@@ -41,14 +42,6 @@ MAX_LATENT = 1024
 
 
 @triton.jit
-def _load_codes(base, kn, stride_n, offs, nmask, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A [N, BLOCK_D] tile of codes; the mask is by key only when D is a power of two (keeps 16-byte loads)."""
-    if D == BLOCK_D:
-        return tl.load(base + kn[:, None] * stride_n + offs[None, :], mask=nmask[:, None])
-    return tl.load(base + kn[:, None] * stride_n + offs[None, :], mask=nmask[:, None] & (offs[None, :] < D))
-
-
-@triton.jit
 def _mla_tile(
     acc, m_i, l_i, q_lat, q_rope, n0, l_base, r_base, ls_base, rs_base, sl_n, sr_n, sls_n, sls_c, srs_n, srs_d,
     offs_n, offs_c, offs_r, qpos, hi, WINDOW, SINKS, qk_scale,
@@ -58,14 +51,14 @@ def _mla_tile(
 ):  # fmt: skip
     kn = n0 + offs_n
     nmask = kn < hi
-    lat = _load_codes(l_base, kn, sl_n, offs_c, nmask, C, BLOCK_C)
+    lat = load_codes(l_base + kn[:, None] * sl_n + offs_c[None, :], nmask, offs_c, C)
     if L_FULL:
         lat = lat.to(tl.float32) * tl.load(ls_base + kn[:, None] * sls_n + offs_c[None, :] * sls_c,
                                            mask=nmask[:, None] & (offs_c[None, :] < C), other=0.0)  # fmt: skip
     # masked keys (and padded dims) hold undefined codes (no fp8 `other` in the interpreter): zero them, the latent
     # is also V, and 0 * NaN is NaN
     lat = tl.where(nmask[:, None] & (offs_c[None, :] < C), lat.to(q_lat.dtype), 0.0)
-    rot = _load_codes(r_base, kn, sr_n, offs_r, nmask, DR, BLOCK_DR)
+    rot = load_codes(r_base + kn[:, None] * sr_n + offs_r[None, :], nmask, offs_r, DR)
     if R_FULL:
         rot = rot.to(tl.float32) * tl.load(rs_base + kn[:, None] * srs_n + offs_r[None, :] * srs_d,
                                            mask=nmask[:, None] & (offs_r[None, :] < DR), other=0.0)  # fmt: skip
