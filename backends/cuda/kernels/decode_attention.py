@@ -10,7 +10,8 @@ Dequantization stays in registers, with each scale applied where it costs least 
 a per-channel key scale is folded into q once, a per-token key scale multiplies the score column, a per-token
 value scale multiplies the probabilities before P V, a per-channel value scale multiplies the accumulator at the
 end; a scale that varies along both tokens and channels dequantizes the tile elementwise. One query row
-(MHA decode) uses CUDA-core dot products (a 16-row tensor-core tile would be 15/16 padding); more rows use tl.dot
+(MHA decode) uses CUDA-core dot products, its tile loads pipelined through shared memory (cp.async) and int8 codes
+converted by _I8_TO_F32; a 16-row tensor-core tile (15/16 padding) measured 1.3-2x slower. More rows use tl.dot
 in q's dtype (K/V codes convert exactly: int8 and e4m3 values are representable in f16 and bf16).
 
 Prefill shapes run on the same kernel (tiles of 64 rows, causal upper bound per tile) without the finer
@@ -67,9 +68,11 @@ def check_scale(op: str, what: str, s: torch.Tensor, codes: torch.Tensor) -> tor
 
 
 def pick_splits(programs: int, skv: int, device: torch.device, min_keys: int = 256) -> int:
-    """Splits of the keys so that programs * splits covers the SMs about 4 times, each split >= min_keys keys."""
+    """Splits of the keys so that programs * splits fills one wave of about 4 resident programs per SM (a second,
+    partial wave and the merge cost more than longer programs: bench/decode_cuda_notes.md), each split >= min_keys
+    keys."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(4 * sms, max(programs, 1)), triton.cdiv(skv, min_keys)))
+    return max(1, min(4 * sms // max(programs, 1), triton.cdiv(skv, min_keys)))
 
 
 def split_chunk(skv: int, splits: int, block_n: int) -> tuple[int, int]:
@@ -103,6 +106,32 @@ def load_codes(ptrs, nmask, offs_d, D: tl.constexpr):
     else:
         t = tl.load(ptrs, mask=nmask[:, None] & (offs_d[None, :] < D))
     return t
+
+
+# int8 code -> f32 in two full-rate instructions instead of a quarter-rate I2F: flip the sign bit (c + 128 as an
+# unsigned byte, four codes at once), place the byte in the mantissa of 2^23 (prmt) and subtract 2^23 + 128 (exact).
+_I8_TO_F32 = tl.constexpr("""
+{
+.reg .b32 u;
+xor.b32 u, $4, 0x80808080;
+prmt.b32 $0, u, 0x4B000000, 0x7650;
+prmt.b32 $1, u, 0x4B000000, 0x7651;
+prmt.b32 $2, u, 0x4B000000, 0x7652;
+prmt.b32 $3, u, 0x4B000000, 0x7653;
+sub.f32 $0, $0, 0f4B000080;
+sub.f32 $1, $1, 0f4B000080;
+sub.f32 $2, $2, 0f4B000080;
+sub.f32 $3, $3, 0f4B000080;
+}
+""")
+
+
+@triton.jit
+def codes_f32(c, ASM: tl.constexpr):
+    """Codes as f32; int8 through _I8_TO_F32 when compiled for the GPU (ASM; the interpreter runs no PTX)."""
+    if ASM and c.dtype == tl.int8:
+        return tl.inline_asm_elementwise(_I8_TO_F32, "=r,=r,=r,=r,r", [c], dtype=tl.float32, is_pure=True, pack=4)
+    return c.to(tl.float32)
 
 
 @triton.jit
@@ -143,30 +172,17 @@ def _kvq_tile(
 
 
 @triton.jit
-def _vec_load(n0, hi, k_base, v_base, ks_base, vs_base, sk_n, sv_n, sks_n, svs_n, offs_n, offs_dk, offs_dv,
-              K_TOK: tl.constexpr, V_TOK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):  # fmt: skip
-    """The codes (and per-token scales) of keys n0 .. n0 + BLOCK_N: issued one tile ahead of their use."""
-    kn = n0 + offs_n
-    nmask = kn < hi
-    k = load_codes(k_base + kn[:, None] * sk_n + offs_dk[None, :], nmask, offs_dk, DK)
-    v = load_codes(v_base + kn[:, None] * sv_n + offs_dv[None, :], nmask, offs_dv, DV)
-    kt = tl.load(ks_base + kn * sks_n, mask=nmask, other=0.0) if K_TOK else tl.zeros([offs_n.shape[0]], tl.float32)
-    vt = tl.load(vs_base + kn * svs_n, mask=nmask, other=0.0) if V_TOK else tl.zeros([offs_n.shape[0]], tl.float32)
-    return k, v, kt, vt
-
-
-@triton.jit
 def _kvq_tile_vec(
-    acc, m_s, l_s, q, n0, k, v, kt, vt, ks_base, vs_base, sks_n, sks_d, svs_n, svs_d,
+    acc, m_s, l_s, q, n0, k_base, v_base, ks_base, vs_base, sk_n, sv_n, sks_n, sks_d, svs_n, svs_d,
     offs_n, offs_dk, offs_dv, qpos, hi, WINDOW, SINKS, qk_scale,
     K_TOK: tl.constexpr, K_FULL: tl.constexpr, V_TOK: tl.constexpr, V_FULL: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """One query row: an online softmax per key slot n (keys n, n + BLOCK_N, ...), with acc [BLOCK_N, DV], so the
     loop has no reduction across warps; the slots are merged once after it (merge_slots)."""
     kn = n0 + offs_n
     nmask = kn < hi
-    k = k.to(tl.float32)
+    k = codes_f32(load_codes(k_base + kn[:, None] * sk_n + offs_dk[None, :], nmask, offs_dk, DK), ASM)
     if DK < offs_dk.shape[0]:  # padded dims: q is 0 there, but 0 * NaN (undefined fp8 bits) is NaN
         k = tl.where(offs_dk[None, :] < DK, k, 0.0)
     if K_FULL:
@@ -177,7 +193,7 @@ def _kvq_tile_vec(
         )
     s = tl.sum(k * q[None, :], 1)
     if K_TOK:
-        s = s * kt
+        s = s * tl.load(ks_base + kn * sks_n, mask=nmask, other=0.0)
     vis = nmask
     if CAUSAL:
         vis = vis & (kn <= qpos)
@@ -189,7 +205,7 @@ def _kvq_tile_vec(
     p = tl.math.exp2(s - m_use)
     alpha = tl.math.exp2(m_s - m_use)
     l_s = l_s * alpha + p
-    v = v.to(tl.float32)
+    v = codes_f32(load_codes(v_base + kn[:, None] * sv_n + offs_dv[None, :], nmask, offs_dv, DV), ASM)
     if V_FULL:
         v = v * tl.load(
             vs_base + kn[:, None] * svs_n + offs_dv[None, :] * svs_d,
@@ -198,7 +214,7 @@ def _kvq_tile_vec(
         )
     v = tl.where(nmask[:, None], v, 0.0)  # p = 0 there, but 0 * NaN (an undefined fp8 code) is NaN
     if V_TOK:
-        p = p * vt
+        p = p * tl.load(vs_base + kn * svs_n, mask=nmask, other=0.0)
     return acc * alpha[:, None] + p[:, None] * v, m_new, l_s
 
 
@@ -223,7 +239,7 @@ def _kvq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_TOK: tl.constexpr, K_FULL: tl.constexpr, V_TOK: tl.constexpr, V_FULL: tl.constexpr, VEC: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, STAGES: tl.constexpr, INT8_ASM: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     tile = tl.program_id(1)
@@ -266,27 +282,20 @@ def _kvq_kernel(
         l_s = tl.zeros([BLOCK_N], tl.float32)
         acc_s = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         qp = SKV - SQ  # the only row's position (SQ = 1)
-        # register double buffering: the next tile's loads are in flight while this one is computed
-        k, v, kt, vt = _vec_load(lo, hi, k_base, v_base, ks_base, vs_base, skn, svn, sksn, svsn, offs_n, offs_dk,
-                                 offs_dv, K_TOK, V_TOK, DK, DV)  # fmt: skip
         if INTERPRET:  # the interpreter cannot take range() of a run-time scalar (numpy 2 refuses int() of it)
             n0 = lo
             while n0 < hi:
-                k1, v1, kt1, vt1 = _vec_load(n0 + BLOCK_N, hi, k_base, v_base, ks_base, vs_base, skn, svn, sksn, svsn,
-                                             offs_n, offs_dk, offs_dv, K_TOK, V_TOK, DK, DV)  # fmt: skip
-                acc_s, m_s, l_s = _kvq_tile_vec(acc_s, m_s, l_s, qv, n0, k, v, kt, vt, ks_base, vs_base, sksn, sksd,
-                                                svsn, svsd, offs_n, offs_dk, offs_dv, qp, hi, WINDOW, SINKS, qk_scale,
-                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW, DK, DV)  # fmt: skip
-                k, v, kt, vt = k1, v1, kt1, vt1
+                acc_s, m_s, l_s = _kvq_tile_vec(acc_s, m_s, l_s, qv, n0, k_base, v_base, ks_base, vs_base, skn, svn,
+                                                sksn, sksd, svsn, svsd, offs_n, offs_dk, offs_dv, qp, hi, WINDOW,
+                                                SINKS, qk_scale, K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW,
+                                                DK, DV, False)  # fmt: skip
                 n0 += BLOCK_N
-        else:
-            for n0 in range(lo, hi, BLOCK_N):
-                k1, v1, kt1, vt1 = _vec_load(n0 + BLOCK_N, hi, k_base, v_base, ks_base, vs_base, skn, svn, sksn, svsn,
-                                             offs_n, offs_dk, offs_dv, K_TOK, V_TOK, DK, DV)  # fmt: skip
-                acc_s, m_s, l_s = _kvq_tile_vec(acc_s, m_s, l_s, qv, n0, k, v, kt, vt, ks_base, vs_base, sksn, sksd,
-                                                svsn, svsd, offs_n, offs_dk, offs_dv, qp, hi, WINDOW, SINKS, qk_scale,
-                                                K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW, DK, DV)  # fmt: skip
-                k, v, kt, vt = k1, v1, kt1, vt1
+        else:  # an explicit num_stages makes Triton pipeline these loads (cp.async into shared memory), not only dots'
+            for n0 in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+                acc_s, m_s, l_s = _kvq_tile_vec(acc_s, m_s, l_s, qv, n0, k_base, v_base, ks_base, vs_base, skn, svn,
+                                                sksn, sksd, svsn, svsd, offs_n, offs_dk, offs_dv, qp, hi, WINDOW,
+                                                SINKS, qk_scale, K_TOK, K_FULL, V_TOK, V_FULL, CAUSAL, HAS_WINDOW,
+                                                DK, DV, INT8_ASM)  # fmt: skip
         acc, m_i, l_i = merge_slots(acc_s, m_s, l_s)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -383,11 +392,13 @@ def check_mask_form(op: str, maps: tuple, layout_block: int) -> None:
 def attention_kvq_run(
     q: torch.Tensor, k_q: torch.Tensor, k_scale: torch.Tensor, v_q: torch.Tensor, v_scale: torch.Tensor,
     *, scale: float, causal: bool, window: int, sinks: int, bits: int,
-    splits: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+    splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, int8_asm: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """attention_kvq (dense form) with explicit tuning knobs (the launcher uses the defaults; the benchmark sweeps).
-    Defaults from the H100 sweep in bench/decode_cuda_notes.md: one row, 32 keys x 4 warps (32 codes of K and of V a
-    thread per tile, the next tile's loads in flight); several rows, 64 keys x 4 warps."""
+    Defaults from the H200 sweep in bench/decode_cuda_notes.md: one row, 64 keys x 8 warps with 3 pipeline stages
+    (32 codes of K and of V a thread per tile at head dim 128); several rows, 64 keys x 4 warps, 2 stages. int8_asm=False converts
+    int8 codes with I2F instead of _I8_TO_F32 (for the benchmark's A/B)."""
     op = "attention_kvq"
     if q.dtype not in FLOATS:
         raise DecodeKernelError(f"{op}: q must be f16, bf16 or f32, got {q.dtype}")
@@ -413,8 +424,11 @@ def attention_kvq_run(
     nrows = g * sq
     block_m = 1 if nrows == 1 else min(MAX_ROWS_PER_TILE, max(16, triton.next_power_of_2(nrows)))
     tiles = triton.cdiv(nrows, block_m)
-    block_n = block_n or (32 if block_m == 1 else 64)
-    num_warps = num_warps or 4
+    block_dk, block_dv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    # one row: 64 keys a tile up to head dim 128; 256-wide tiles take 255 registers at 32 keys (sm_90 AOT), so 16
+    block_n = block_n or ((64 if max(block_dk, block_dv) <= 128 else 16) if block_m == 1 else 64)
+    num_warps = num_warps or (8 if block_m == 1 else 4)
+    num_stages = num_stages or (3 if block_m == 1 else 2)
     splits = splits or pick_splits(bsz * hkv * tiles, skv, q.device)
     chunk, splits = split_chunk(skv, splits, block_n)
     out = torch.empty((bsz, h, sq, dv), dtype=q.dtype, device=q.device)
@@ -424,10 +438,11 @@ def attention_kvq_run(
         q.stride(0), q.stride(1), q.stride(2), k_q.stride(0), k_q.stride(1), k_q.stride(2), *ks.stride(),
         v_q.stride(0), v_q.stride(1), v_q.stride(2), *vs.stride(), out.stride(0), out.stride(1), out.stride(2),
         hkv, sq, skv, chunk, splits, window, sinks, scale * LOG2E,
-        G=g, DK=dk, DV=dv, BLOCK_DK=triton.next_power_of_2(dk), BLOCK_DV=triton.next_power_of_2(dv),
+        G=g, DK=dk, DV=dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
         BLOCK_M=block_m, BLOCK_N=block_n, K_TOK=k_tok, K_FULL=k_full, V_TOK=v_tok, V_FULL=v_full,
         VEC=block_m == 1, CAUSAL=bool(causal), HAS_WINDOW=bool(causal and window > 0),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", DIRECT=splits == 1, INTERPRET=INTERPRET,
+        STAGES=num_stages, INT8_ASM=int8_asm,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:

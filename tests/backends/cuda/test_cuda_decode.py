@@ -116,6 +116,22 @@ def test_attention_kvq(case):
         assert rel(get_launcher("attention_kvq")(q, kq, ks, vq, vs, **attrs), ref) < TOL[qdt]
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="the PTX int8 conversion (_I8_TO_F32) runs only on the GPU")
+def test_attention_kvq_int8_conversion_every_code():
+    """The prmt/sub conversion of the one-row path against I2F, on codes covering all of -128..127."""
+    b, h, skv, d = 2, 4, 300, 128
+    q = torch.randn(b, h, 1, d, device=DEVICE)
+    kq = torch.randint(-128, 128, (b, h, skv, d), device=DEVICE, dtype=torch.int8)
+    vq = torch.arange(b * h * skv * d, device=DEVICE).remainder(256).sub(128).to(torch.int8).view(b, h, skv, d)
+    ks, vs = torch.rand(b, h, 1, d, device=DEVICE) * 0.02, torch.rand(b, h, skv, 1, device=DEVICE) * 0.02
+    kw = dict(scale=d**-0.5, causal=True, window=0, sinks=0, bits=8)
+    fast = da.attention_kvq_run(q, kq, ks, vq, vs, **kw)
+    torch.testing.assert_close(fast, da.attention_kvq_run(q, kq, ks, vq, vs, int8_asm=False, **kw), rtol=1e-6, atol=0)
+    attrs = registry.get("attention_kvq").complete_attrs({"scale": d**-0.5, "causal": True})
+    ref = registry.get("attention_kvq").reference([np_(t) for t in (q, kq, ks, vq, vs)], attrs)[0]
+    assert rel(fast, ref) < 1e-5
+
+
 @pytest.mark.parametrize("rows", [1, 2])  # one row: the CUDA-core path; two (GQA): tl.dot
 def test_attention_kvq_elementwise_scales_and_4bit(rows):
     b, hkv, skv, d = 1, 2, 33, 16
