@@ -4,6 +4,7 @@ from r1c.ir.ops import (  # noqa: F401
     attention,
     attention_tiled,
     backward,
+    cache,
     dsa,
     elementwise,
     linalg,

@@ -76,6 +76,8 @@ TESTED_IN = {
     },
     **{n: "test_ops_nn.py" for n in ["embedding", "rmsnorm", "rope", "cross_entropy"]},
     "attention": "test_ops_attention.py",
+    "cache_write": "test_ops_cache.py",
+    "cached_attention": "test_ops_cache.py",
     "moe_experts": "test_ops_moe.py",
     **{n: "test_ops_structure.py" for n in ["param", "constant", "iota", "cast"]},
     # Backward ops: run by the VJP tests (against torch) and listed with their type-rule checks there.
@@ -176,6 +178,8 @@ def _required_attrs(name: str) -> dict:
         "reduce_min": {"axes": [0]},
         "attention": {"scale": 1.0},
         "attention_kvq": {"scale": 1.0},
+        "cache_write": {"layer": 0},
+        "cached_attention": {"layer": 0, "scale": 1.0},
         "mla_attention_kvq": {"scale": 1.0, "qk_nope_head_dim": 2, "v_head_dim": 2},
         "tiled_attention": {"scale": 1.0},
         "block_sparse_attention": {"scale": 1.0},

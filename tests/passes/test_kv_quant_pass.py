@@ -75,7 +75,7 @@ def test_idempotent_and_functions_option():
     both = run_pipeline(m, 'kv-quant{functions="forward,loss"}')
     assert "mla_attention_kvq" in _ops(both, "loss")
     with pytest.raises(PipelineError, match="no function"):
-        run_pipeline(m, "kv-quant{functions=decode}")
+        run_pipeline(m, "kv-quant{functions=generate}")
 
 
 @pytest.mark.parametrize(

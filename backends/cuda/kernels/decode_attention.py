@@ -397,8 +397,8 @@ def attention_kvq_run(
 ) -> torch.Tensor:  # fmt: skip
     """attention_kvq (dense form) with explicit tuning knobs (the launcher uses the defaults; the benchmark sweeps).
     Defaults from the H200 sweep in bench/decode_cuda_notes.md: one row, 64 keys x 8 warps with 3 pipeline stages
-    (32 codes of K and of V a thread per tile at head dim 128); several rows, 64 keys x 4 warps, 2 stages. int8_asm=False converts
-    int8 codes with I2F instead of _I8_TO_F32 (for the benchmark's A/B)."""
+    (32 codes of K and of V a thread per tile at head dim 128); several rows, 64 keys x 4 warps, 2 stages.
+    int8_asm=False converts int8 codes with I2F instead of _I8_TO_F32 (for the benchmark's A/B)."""
     op = "attention_kvq"
     if q.dtype not in FLOATS:
         raise DecodeKernelError(f"{op}: q must be f16, bf16 or f32, got {q.dtype}")
