@@ -29,6 +29,7 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", choices=("f32", "f16", "bf16"), help="cuda: cast float parameters and activations")
     p.add_argument("--dump-kernels", metavar="DIR", help="cuda: also write every generated kernel's source to DIR")
+    p.add_argument("--entry", metavar="FUNC", help="cuda: the function to compile (default forward; decode: a KV step)")
     add_set_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed for initializing weights (default: 0)")
     w = p.add_mutually_exclusive_group()
@@ -56,11 +57,12 @@ def run_compile(args: argparse.Namespace) -> int:
         weights = load_weights(args.weights)
     passes, options = args.passes, {}
     if args.target == "cuda":  # the cuda target runs its own default pipeline; --passes replaces it
-        options = {k: v for k, v in (("dtype", args.dtype), ("dump_kernels", args.dump_kernels)) if v is not None}
+        flags = (("dtype", args.dtype), ("dump_kernels", args.dump_kernels), ("entry", args.entry))
+        options = {k: v for k, v in flags if v is not None}
         if passes is not None:
             options["passes"], passes = passes, None
-    elif args.dtype or args.dump_kernels:
-        raise InputError("--dtype and --dump-kernels apply to --target cuda")
+    elif args.dtype or args.dump_kernels or args.entry:
+        raise InputError("--dtype, --dump-kernels and --entry apply to --target cuda")
     art = r1c.compile(
         module,
         target=args.target,

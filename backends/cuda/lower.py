@@ -26,6 +26,7 @@ DEFAULT_PIPELINE = "canonicalize,cse,expert-fusion,sparse-attention-tiling,dce"
 VIEWS = frozenset({"reshape", "transpose", "slice", "broadcast_to"})
 GEMMS = frozenset({"linear", "matmul"})
 FUSED_MOE = "grouped_matmul+swiglu"
+IN_PLACE = frozenset({"cache_write"})  # template launchers that write into (and return) their first operand
 _USES = "@@uses@@"  # stands for the header's list of IR ops until every kernel sharing a source is known
 
 
@@ -186,6 +187,17 @@ def _const_value(op: Op) -> float | int:
     return float(v) if op.result.type.dtype.is_float else int(v)
 
 
+def _overwritable(f: Function, op: Op, users: dict[Value, list[Op]], pos: dict[int, int], results: set[Value]) -> bool:
+    """Whether `op` may write into its first operand: the operand is a function argument (the caller donates it) or
+    another in-place write's result (not a view, whose base others may read), is not a result, and every other
+    reader has run by the write's launch."""
+    v = op.operands[0]
+    producer = f.producers().get(v)
+    if v in results or not (v in f.args or (producer is not None and producer.name in IN_PLACE)):
+        return False
+    return all(pos[id(r)] < pos[id(op)] for r in users[v] if r is not op)
+
+
 def _mark_static(steps: list[dict[str, Any]], f: Function) -> None:
     """Steps that read only weights and constants (expert fusion's weight concats, their views, constant fills) are
     `static`: the runtime computes them once when it loads the weights, not on every forward."""
@@ -208,6 +220,7 @@ def lower(module: Module, entry: str) -> dict[str, Any]:
     users = f.users()
     results = set(f.results)
     units = _units(f)
+    pos = {id(o): u.pos for u in units for o in u.ops}  # where each op's launch runs
     consts = {u.ops[0].result for u in units if u.kind == "const"}
     const_ops = {u.ops[0].result: u.ops[0] for u in units if u.kind == "const"}
     sources: dict[str, str] = {}  # body with placeholder -> file name
@@ -267,6 +280,8 @@ def lower(module: Module, entry: str) -> dict[str, Any]:
             step["kernel"] = kernel(op.name, src, u.ops)
         elif u.kind == "template":
             step.update(launcher=u.launcher, inputs=[v.name for v in u.ops[0].operands])
+            if u.launcher in IN_PLACE:
+                step["in_place"] = _overwritable(f, u.ops[0], users, pos, results)
             step["outputs"] = [r.name for r in (u.ops[-1].results if u.launcher == FUSED_MOE else u.ops[0].results)]
         steps.append(step)
     _mark_static(steps, f)
@@ -275,7 +290,8 @@ def lower(module: Module, entry: str) -> dict[str, Any]:
         name: body.replace(f"#   {_USES}", "\n".join(f"#   {x}" for x in uses[body])) for body, name in sources.items()
     }
     copy = {f"copy_r{r}.py": ew.copy_source(r) for r in range(1, max_rank + 1)}
-    return {"entry": entry, "steps": steps, "kernels": {**kernels, **copy}}
+    donated = sorted({s["inputs"][0] for s in steps if s.get("in_place")} & {a.name for a in f.args})
+    return {"entry": entry, "steps": steps, "donated": donated, "kernels": {**kernels, **copy}}
 
 
 __all__ = ["DEFAULT_PIPELINE", "LoweringError", "lower"]

@@ -129,6 +129,11 @@ class Program:
             k = self.kernels[f"copy_r{len(shape)}.py"]
             k.kernel[grid](src, dst, rows, *shape, *src.stride(), *dst.stride(), **blocks)
 
+    def copy_of(self, t: torch.Tensor) -> torch.Tensor:
+        out = self._alloc(tuple(t.shape), t.dtype)
+        self.copy_into(t, out)
+        return out
+
     def contiguous(self, t: torch.Tensor) -> torch.Tensor:
         if t.is_contiguous():
             return t
@@ -288,6 +293,8 @@ class Program:
         ops = [self.fn.body[i] for i in step["ops"]]
         fn = get_launcher(step["launcher"])
         args = [self.contiguous(buf[n]) for n in step["inputs"]]
+        if step.get("in_place") is False:  # the launcher writes into its first operand, which is read later
+            args[0] = self.copy_of(args[0])
         attrs = {
             k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v
             for k, v in registry.get(ops[0].name).complete_attrs(ops[0].attrs).items()
@@ -342,7 +349,9 @@ class Program:
     def _graph(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         key = tuple((tuple(x.shape), x.dtype) for x in inputs)
         if key not in self.graphs:
-            static = [x.clone() for x in inputs]
+            # donated inputs (KV caches written in place) are captured as the caller's tensors: no copy per call
+            donated = set(self.plan.get("donated", ()))
+            static = [x if a.name in donated else x.clone() for a, x in zip(self.fn.args, inputs)]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: compiles every kernel outside the capture
@@ -354,7 +363,8 @@ class Program:
             self.graphs[key] = (graph, static, outs)
         graph, static, outs = self.graphs[key]
         for s, x in zip(static, inputs):
-            s.copy_(x)
+            if s.data_ptr() != x.data_ptr():
+                s.copy_(x)
         graph.replay()
         return outs
 

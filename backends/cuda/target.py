@@ -4,7 +4,9 @@
     OUT/kernels/*.py      every generated kernel's source (imported through the kernel cache at run time)
 
 Options: `passes` (pipeline run before lowering; default DEFAULT_PIPELINE, "" for none), `dtype` (f32|f16|bf16: cast
-float parameters and activations; default the IR's dtypes), `dump_kernels` (a directory to write the sources to).
+float parameters and activations; default the IR's dtypes), `dump_kernels` (a directory to write the sources to),
+`entry` (the function to compile: default `forward`; `decode` for the KV-cache step, whose cache arguments the
+runtime updates in place and returns).
 This module imports neither torch nor triton at import time: `import r1c` and the ref target stay cheap.
 """
 
@@ -17,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from r1c.backends import register_target
+from r1c.backends import TargetError, register_target
 
 if TYPE_CHECKING:
     from r1c.artifact import Artifact
     from r1c.ir.core import Module
 
-OPTIONS = ("passes", "dtype", "dump_kernels")
+OPTIONS = ("passes", "dtype", "dump_kernels", "entry")
 DTYPES = ("f32", "f16", "bf16")
 
 
@@ -39,15 +41,19 @@ def compile_cuda(
 
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise ValueError(f"target 'cuda' has no option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
+        raise TargetError(f"target 'cuda' has no option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
     dtype = options.get("dtype")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"target 'cuda': dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise TargetError(f"target 'cuda': dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     passes = options.get("passes", DEFAULT_PIPELINE)
     if passes:
         module = PassManager(passes).run(module)
     verify(module)
-    plan = lower(module, module.main.name)
+    entry = options.get("entry") or module.main.name
+    if entry not in module.functions:
+        have = ", ".join(module.functions)
+        raise TargetError(f"target 'cuda': no function '{entry}' to compile; the module has {have}")
+    plan = lower(module, entry)
     plan["dtype"] = dtype
     sources = plan.pop("kernels")
     for src in sources.values():  # a source that does not import is a compile error, not a run-time surprise
@@ -58,7 +64,7 @@ def compile_cuda(
         shutil.rmtree(out_dir / KERNEL_DIR)  # kernels of an earlier compile must not linger
     extra = {f"{KERNEL_DIR}/{name}": src for name, src in sources.items()}
     extra[PLAN_FILE] = json.dumps(plan, indent=1) + "\n"
-    art = write(out_dir, module, weights, "cuda", extra_files=extra)
+    art = write(out_dir, module, weights, "cuda", entry=entry, extra_files=extra)
     if options.get("dump_kernels"):
         dump = Path(options["dump_kernels"])
         dump.mkdir(parents=True, exist_ok=True)

@@ -232,20 +232,22 @@ def merge_slots(acc, m_s, l_s):
 
 @triton.jit
 def _kvq_kernel(
-    Q, K, KS, V, VS, OUT, MP, LP, AP,
+    Q, K, KS, V, VS, OUT, MP, LP, AP, STARTS,
     sqb, sqh, sqs, skb, skh, skn, sksb, sksh, sksn, sksd, svb, svh, svn, svsb, svsh, svsn, svsd, sob, soh, sos,
     HKV, SQ, SKV, CHUNK, NSPLIT, WINDOW, SINKS, qk_scale,
     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_TOK: tl.constexpr, K_FULL: tl.constexpr, V_TOK: tl.constexpr, V_FULL: tl.constexpr, VEC: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
-    INTERPRET: tl.constexpr, STAGES: tl.constexpr, INT8_ASM: tl.constexpr,
+    INTERPRET: tl.constexpr, STAGES: tl.constexpr, INT8_ASM: tl.constexpr, HAS_STARTS: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     tile = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // HKV
     hk = bh % HKV
+    if HAS_STARTS:  # a KV cache: row b holds STARTS[b] earlier tokens plus this step's SQ, in SKV slots
+        SKV = tl.minimum(tl.load(STARTS + b) + SQ, SKV)
     nrows = G * SQ
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < nrows
@@ -391,35 +393,52 @@ def check_mask_form(op: str, maps: tuple, layout_block: int) -> None:
 
 def attention_kvq_run(
     q: torch.Tensor, k_q: torch.Tensor, k_scale: torch.Tensor, v_q: torch.Tensor, v_scale: torch.Tensor,
-    *, scale: float, causal: bool, window: int, sinks: int, bits: int,
+    *, scale: float, causal: bool, window: int, sinks: int, bits: int, **tuning,
+) -> torch.Tensor:  # fmt: skip
+    """attention_kvq (dense form) with explicit tuning knobs (`launch`'s; the launcher uses the defaults)."""
+    op = "attention_kvq"
+    check_codes(op, "k", k_q, bits)
+    check_codes(op, "v", v_q, bits)
+    check_shapes(op, q, k_q, v_q)
+    if causal and q.shape[2] > k_q.shape[2]:
+        raise DecodeKernelError(f"{op}: causal attention needs Sq <= Skv, got {q.shape[2]} > {k_q.shape[2]}")
+    ks, vs = check_scale(op, "k", k_scale, k_q), check_scale(op, "v", v_scale, v_q)
+    modes = (*scale_mode(k_scale, 2, 3), *scale_mode(v_scale, 2, 3))
+    return launch(q, k_q, ks, v_q, vs, modes, None, scale=scale, causal=causal, window=window, sinks=sinks, **tuning)
+
+
+def check_shapes(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q [B, H, Sq, Dk], k [B, Hkv, Skv, Dk], v [B, Hkv, Skv, Dv] with H a multiple of Hkv, dims up to 256."""
+    if q.dtype not in FLOATS:
+        raise DecodeKernelError(f"{op}: q must be f16, bf16 or f32, got {q.dtype}")
+    if k.dtype != v.dtype:
+        raise DecodeKernelError(f"{op}: k and v must share a dtype, got {k.dtype} and {v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise DecodeKernelError(f"{op}: q, k, v must be [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    h, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or h % hkv or k.shape[3] != q.shape[3] or tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise DecodeKernelError(f"{op}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
+        raise DecodeKernelError(f"{op}: head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[3]}/{v.shape[3]}")
+
+
+def launch(
+    q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, v: torch.Tensor, vs: torch.Tensor,
+    modes: tuple[bool, bool, bool, bool], starts: torch.Tensor | None,
+    *, scale: float, causal: bool, window: int, sinks: int,
     splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, int8_asm: bool = True,
 ) -> torch.Tensor:  # fmt: skip
-    """attention_kvq (dense form) with explicit tuning knobs (the launcher uses the defaults; the benchmark sweeps).
+    """Run _kvq_kernel on checked operands: k/v codes (or float values) with scales ks/vs expanded to their shapes
+    and their modes (k per-token, k elementwise, v per-token, v elementwise); `starts` [B] int32 makes k/v a cache
+    of Skv slots of which row b uses its first starts[b] + Sq.
     Defaults from the H200 sweep in bench/decode_cuda_notes.md: one row, 64 keys x 8 warps with 3 pipeline stages
     (32 codes of K and of V a thread per tile at head dim 128); several rows, 64 keys x 4 warps, 2 stages.
     int8_asm=False converts int8 codes with I2F instead of _I8_TO_F32 (for the benchmark's A/B)."""
-    op = "attention_kvq"
-    if q.dtype not in FLOATS:
-        raise DecodeKernelError(f"{op}: q must be f16, bf16 or f32, got {q.dtype}")
-    check_codes(op, "k", k_q, bits)
-    check_codes(op, "v", v_q, bits)
-    if k_q.dtype != v_q.dtype:
-        raise DecodeKernelError(f"{op}: k and v must share a code dtype, got {k_q.dtype} and {v_q.dtype}")
-    if q.dim() != 4 or k_q.dim() != 4 or v_q.dim() != 4:
-        raise DecodeKernelError(f"{op}: q, k, v must be [B, H, S, D], got {tuple(q.shape)}, {tuple(k_q.shape)}")
+    k_tok, k_full, v_tok, v_full = modes
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bsz, h, sq, dk = q.shape
-    hkv, skv, dv = k_q.shape[1], k_q.shape[2], v_q.shape[3]
-    if hkv == 0 or h % hkv or k_q.shape[3] != dk or tuple(v_q.shape[:3]) != tuple(k_q.shape[:3]):
-        raise DecodeKernelError(f"{op}: shapes q {tuple(q.shape)}, k {tuple(k_q.shape)}, v {tuple(v_q.shape)}")
-    if max(dk, dv) > MAX_HEAD_DIM:
-        raise DecodeKernelError(f"{op}: head dims up to {MAX_HEAD_DIM} are supported, got {dk}/{dv}")
-    if causal and sq > skv:
-        raise DecodeKernelError(f"{op}: causal attention needs Sq <= Skv, got {sq} > {skv}")
-    ks, vs = check_scale(op, "k", k_scale, k_q), check_scale(op, "v", v_scale, v_q)
-    k_tok, k_full = scale_mode(k_scale, 2, 3)
-    v_tok, v_full = scale_mode(v_scale, 2, 3)
-    q, k_q, v_q = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_q, v_q))
+    hkv, skv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = h // hkv
     nrows = g * sq
     block_m = 1 if nrows == 1 else min(MAX_ROWS_PER_TILE, max(16, triton.next_power_of_2(nrows)))
@@ -434,15 +453,15 @@ def attention_kvq_run(
     out = torch.empty((bsz, h, sq, dv), dtype=q.dtype, device=q.device)
     mp, lp, ap = partials(bsz * hkv * nrows, splits, dv, q.device)
     _kvq_kernel[(bsz * hkv, tiles, splits)](
-        q, k_q, ks, v_q, vs, out, mp, lp, ap,
-        q.stride(0), q.stride(1), q.stride(2), k_q.stride(0), k_q.stride(1), k_q.stride(2), *ks.stride(),
-        v_q.stride(0), v_q.stride(1), v_q.stride(2), *vs.stride(), out.stride(0), out.stride(1), out.stride(2),
+        q, k, ks, v, vs, out, mp, lp, ap, q if starts is None else starts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *ks.stride(),
+        v.stride(0), v.stride(1), v.stride(2), *vs.stride(), out.stride(0), out.stride(1), out.stride(2),
         hkv, sq, skv, chunk, splits, window, sinks, scale * LOG2E,
         G=g, DK=dk, DV=dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
         BLOCK_M=block_m, BLOCK_N=block_n, K_TOK=k_tok, K_FULL=k_full, V_TOK=v_tok, V_FULL=v_full,
         VEC=block_m == 1, CAUSAL=bool(causal), HAS_WINDOW=bool(causal and window > 0),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", DIRECT=splits == 1, INTERPRET=INTERPRET,
-        STAGES=num_stages, INT8_ASM=int8_asm,
+        STAGES=num_stages, INT8_ASM=int8_asm, HAS_STARTS=starts is not None,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:

@@ -191,7 +191,7 @@ def test_clear_errors():
         launch(*_kvq_inputs(d=320), **attrs)
     with pytest.raises(da.DecodeKernelError, match="Sq <= Skv"):
         launch(*_kvq_inputs(sq=9), **attrs)
-    with pytest.raises(da.DecodeKernelError, match="share a code dtype"):
+    with pytest.raises(da.DecodeKernelError, match="must share a dtype"):
         launch(q, kq, ks, vq.to(torch.float8_e4m3fn), vs, **attrs)
     with pytest.raises(da.DecodeKernelError, match="q must be"):
         launch(q.to(torch.int32), kq, ks, vq, vs, **attrs)
