@@ -125,7 +125,7 @@ class Program:
         src = bcast(src, tuple(dst.shape)).reshape(shape) if not dst.shape else bcast(src, shape)
         dst = dst.reshape(1) if not dst.shape else dst
         if math.prod(shape):
-            grid, blocks, rows = ew.tile_grid(shape)
+            grid, blocks, rows = ew.tile_grid(shape, [src, dst])
             k = self.kernels[f"copy_r{len(shape)}.py"]
             k.kernel[grid](src, dst, rows, *shape, *src.stride(), *dst.stride(), **blocks)
 

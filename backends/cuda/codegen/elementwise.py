@@ -129,6 +129,9 @@ def tile_index(rank: int, indent: str = "    ") -> list[str]:
     lines = [
         f"{indent}rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]",
         f"{indent}i{last} = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]",
+        f"{indent}if BIG:  # element offsets past 2^31: 64-bit coordinates (int32 products would wrap)",
+        f"{indent}    rows = rows.to(tl.int64)",
+        f"{indent}    i{last} = i{last}.to(tl.int64)",
         f"{indent}mask = (rows < R) & (i{last} < D{last})",
         f"{indent}offs = rows * D{last} + i{last}",
         f"{indent}r = rows",
@@ -143,14 +146,21 @@ def pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def tile_grid(shape: tuple[int, ...]) -> tuple[tuple[int, int], dict[str, int], int]:
-    """(grid, constexprs, rows R) of a tile-form launch over `shape` (rank >= 1): BLOCK covers the last dim (up to
-    1024), ROWS as many rows as make ~2048 elements a program."""
+def tile_grid(shape: tuple[int, ...], tensors: list[Any]) -> tuple[tuple[int, int], dict[str, int], int]:
+    """(grid, constexprs, rows R) of a tile-form launch over `shape` (rank >= 1) reading and writing the strided
+    `tensors`: BLOCK covers the last dim (up to 1024), ROWS as many rows as make ~2048 elements a program, BIG when
+    an element offset of the launch needs 64 bits."""
     last = shape[-1]
     rows = math.prod(shape[:-1])
     block = min(1024, pow2(last))
     nrows = min(max(1, 2048 // block), pow2(rows))
-    return (-(-rows // nrows), -(-last // block)), {"ROWS": nrows, "BLOCK": block}, rows
+    big = max([math.prod(shape)] + [span(t) for t in tensors]) >= 1 << 31
+    return (-(-rows // nrows), -(-last // block)), {"ROWS": nrows, "BLOCK": block, "BIG": big}, rows
+
+
+def span(t: Any) -> int:
+    """The largest element offset a strided tensor's view reaches from its first element."""
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
 
 
 def offset(strides: str, rank: int) -> str:
@@ -199,7 +209,7 @@ def source(
     src = (
         header(title, uses)
         + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-        + f"def kernel({sig}, ROWS: tl.constexpr, BLOCK: tl.constexpr):\n"
+        + f"def kernel({sig}, ROWS: tl.constexpr, BLOCK: tl.constexpr, BIG: tl.constexpr):\n"
         + "\n".join(body)
         + "\n"
     )
@@ -217,7 +227,7 @@ def copy_source(rank: int) -> str:
     src = (
         header(f"strided copy of rank {rank}", ["views that torch cannot express without a copy (reshape, concat)"])
         + "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-        + f"def kernel({', '.join(params)}, ROWS: tl.constexpr, BLOCK: tl.constexpr):\n"
+        + f"def kernel({', '.join(params)}, ROWS: tl.constexpr, BLOCK: tl.constexpr, BIG: tl.constexpr):\n"
         + "\n".join(body)
         + "\n"
     )
@@ -234,5 +244,5 @@ def launch(
     if math.prod(shape) == 0:
         return
     strides = [s for t in inputs for s in t.stride()] + [s for t in outputs for s in t.stride()]
-    grid, blocks, rows = tile_grid(shape)
+    grid, blocks, rows = tile_grid(shape, inputs + outputs)
     module.kernel[grid](*inputs, *outputs, *consts, rows, *shape, *strides, **blocks)

@@ -35,8 +35,11 @@ def source(
         "    rm = pid_m * BM + tl.arange(0, BM)",
         "    rn = pid_n * BN + tl.arange(0, BN)",
         "    rk = tl.arange(0, BK)",
-        "    a_ptr = A + bat * sab + rm[:, None] * sam + rk[None, :] * sak",
-        "    b_ptr = B + bat * sbb + rk[:, None] * sbk + rn[None, :] * sbn",
+        "    # 64-bit row and column offsets: M x N outputs (logits of a large prefill) pass 2^31 elements",
+        "    rm64 = rm.to(tl.int64)",
+        "    rn64 = rn.to(tl.int64)",
+        "    a_ptr = A + bat * sab + rm64[:, None] * sam + rk[None, :] * sak",
+        "    b_ptr = B + bat * sbb + rk[:, None] * sbk + rn64[None, :] * sbn",
         "    acc = tl.zeros((BM, BN), dtype=tl.float32)",
         "    for k0 in range(0, K, BK):",
         "        if TMA:  # descriptors zero-fill the M, N and K tails",
@@ -52,7 +55,7 @@ def source(
     ]
     names: dict[Value, str] = {root.result: "acc"}
     for j, v in enumerate(inputs):
-        ptr = f"E{j} + bat * se{j}_b + rm[:, None] * se{j}_m + rn[None, :] * se{j}_n"
+        ptr = f"E{j} + bat * se{j}_b + rm64[:, None] * se{j}_m + rn64[None, :] * se{j}_n"
         load = f"tl.load({ptr}, mask=mask, other=0)"
         k = kind(v.type.dtype)
         body.append(f"    e{j} = {load}.to(tl.float32)" if k == "f" else f"    e{j} = {load}.to(tl.int32)")
@@ -61,7 +64,7 @@ def source(
         names[v] = const_expr(f"C{j}", kind(v.type.dtype), "(BM, BN)")
     body += emit_ops(epilogue, names, rank=2)
     for j, v in enumerate(outputs):
-        ptr = f"O{j} + bat * so{j}_b + rm[:, None] * so{j}_m + rn[None, :] * so{j}_n"
+        ptr = f"O{j} + bat * so{j}_b + rm64[:, None] * so{j}_m + rn64[None, :] * so{j}_n"
         body.append(f"    tl.store({ptr}, ({names[v]}).to(O{j}.dtype.element_ty), mask=mask)")
     title = f"GEMM ({root.name})" + (f" with epilogue {', '.join(o.name for o in epilogue)}" if epilogue else "")
     # K is a compile-time constant: it is a weight dimension (few distinct values), the k-loop bound is then static,

@@ -83,6 +83,23 @@ def test_elementwise_chain_is_one_kernel(tmp_path, dtype):
     assert kinds.count("ew") == 2 and [len(s["ops"]) for s in plan if s["kind"] == "ew"] == [1, 8]
 
 
+def test_64_bit_offsets_where_a_launch_needs_them(tmp_path, monkeypatch):
+    """BIG (64-bit coordinates) is set from the launch's element count and its operands' strided spans; the
+    64-bit path computes the same results (forced here on small tensors: 2^31-element ones do not fit CI)."""
+    from types import SimpleNamespace
+
+    from r1c.backends.cuda.codegen import elementwise as ew
+
+    def fake(shape, stride):
+        return SimpleNamespace(shape=shape, stride=lambda: stride)
+
+    assert not ew.tile_grid((3, 4), [fake((3, 4), (4, 1))])[1]["BIG"]
+    assert ew.tile_grid((3, 4), [fake((3, 4), (1 << 30, 1))])[1]["BIG"]  # a view reaching past 2^31 elements
+    assert ew.tile_grid((1 << 16, 1 << 15), [])[1]["BIG"]
+    monkeypatch.setattr(ew, "span", lambda t: 1 << 31)
+    test_elementwise_chain_is_one_kernel(tmp_path, "f32")
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_linear_absorbs_its_elementwise_consumers(tmp_path, dtype):
     text = """module @m {
