@@ -8,6 +8,9 @@ place), the next token by torch.argmax of the logits (the sampler is not part of
   reads the device every step);
 - `async`: the 64 replays queued back to back.
 HF: the time per token from a streamer's timestamps (after the first new token, so prefill is excluded).
+Floor: the bytes one decode step must read at the copy bandwidth measured in the same run (bench/gpu_floor.py):
+every non-embedding weight except routed experts, the experts a batch is expected to touch (1 - (1 - k/E)^B of
+them), B embedding rows and each layer's cached K/V at the mean context (FLOPs are far below the matmul rate).
 Checks in the same run: r1c's decode logits against r1c's own `forward` on the same tokens (bf16), and in f32 with
 weights scaled away from ties, r1c's greedy tokens against HF eager's (identical expected).
 
@@ -33,6 +36,7 @@ from r1c.ir.interpreter import init_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_cuda import hf_v2, tokens  # noqa: E402
+from gpu_floor import measure  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 PROMPT, NEW = 512, 64
@@ -59,6 +63,24 @@ class Stamps:
     def ms_per_token(self) -> float:
         t = self.times[1:]  # from the second new token: the first one comes out of the prefill
         return (t[-1] - t[0]) / (len(t) - 1) * 1e3
+
+
+def step_bytes(module, bsz: int, ctx: float, elem: int = 2) -> float:
+    """Bytes one decode step of `bsz` rows at mean context `ctx` reads at least (see the module docstring)."""
+    a = module.attrs
+    touched = 1 - (1 - a["experts_per_tok"] / a["n_routed_experts"]) ** bsz
+    weights = 0.0
+    for name, p in module.params.items():
+        n = float(np.prod(p.type.shape))
+        if name == "model.embed_tokens.weight":
+            n = bsz * a["hidden_size"]
+        elif ".experts." in name:
+            n *= touched
+        weights += n
+    kv = (
+        a["num_layers"] * bsz * a["num_heads"] * ctx * (a["qk_nope_head_dim"] + a["qk_rope_head_dim"] + a["v_head_dim"])
+    )
+    return (weights + kv) * elem
 
 
 def caches(prog, bsz: int, slots: int) -> list[torch.Tensor]:
@@ -103,6 +125,8 @@ def hf_generate(model, prompt: np.ndarray, new: int, **kw: Any) -> tuple[np.ndar
 def bench_batch(results: dict, prog, model, prompt: np.ndarray, compile_hf: bool) -> None:
     bsz = prompt.shape[0]
     key = f"B{bsz}"
+    nbytes = step_bytes(prog.artifact.module, bsz, PROMPT + NEW / 2)
+    results[f"{key}.floor_ms_per_step"] = nbytes / (measure().hbm_tbps * 1e12) * 1e3
     for mode, sync in (("stream", True), ("async", False)):
         res = record(results, f"{key} r1c {mode}", lambda sync=sync: r1c_generate(prog, prompt, NEW, sync))
         if res is not None:
@@ -145,6 +169,7 @@ def main() -> None:
     import transformers
 
     results["transformers"] = transformers.__version__
+    results["floor"] = measure().as_dict()
     lite = r1c.load(ROOT / "examples" / "deepseek-v2-lite.r1", overrides={"num_layers": 2})
     weights = init_weights(lite, 0)
     vocab = lite.attrs["vocab_size"]
