@@ -4,7 +4,7 @@
 (b) bf16 prefill tokens/s at B=1,S=2048 and B=4,S=512, vs HF transformers `DeepseekV2ForCausalLM` built from the same
     config and weights, eager bf16 and under torch.compile;
 (c) a one-token "decode-shaped" forward (B=32, S=1: the whole model on one position per row, no KV cache) replayed
-    from a CUDA graph. Real KV-cached decode belongs to the inference-runtime issue and is NOT measured here.
+    from a CUDA graph. KV-cached decode (the models' `decode` function) is bench/decode_e2e_cuda.py.
 
     source bench/gpu_setup.sh && python3 bench/e2e_cuda.py --out $OUT/e2e_cuda.json
 Prints the table last; writes every number (and any error) to the JSON.
