@@ -36,13 +36,12 @@ _TARGETS: dict[str, Target] = {}
 
 # Targets on the roadmap (DESIGN.md). Naming them keeps `--target cuda` from reading like a typo.
 PLANNED: dict[str, str] = {
-    "cpu": "TVM backend for x86",
     "cpu-arm": "TVM backend for ARM",
     "tpu": "StableHLO via JAX/XLA, with Pallas kernels",
 }
 
 # Modules that register targets on import; loaded on first lookup so `import r1c` stays cheap.
-_BUILTIN = ("r1c.backends.ref", "r1c.backends.cuda.target")
+_BUILTIN = ("r1c.backends.ref", "r1c.backends.cuda.target", "r1c.backends.cpu.target")
 
 
 def register_target(name: str, compile_fn: CompileFn, description: str, run_fn: RunFn | None = None) -> Target:

@@ -1,0 +1,109 @@
+"""The `cpu` target: verified IR -> Relax (lower.py) -> TVM's default Relax pipeline -> a shared library built by
+LLVM for this machine's CPU (`-mcpu` from LLVM's host detection), run through the Relax VM.
+
+    OUT/cpu_lib.so      the compiled module (tvm.runtime.load_module)
+    OUT/cpu_plan.json   entry, weight order, target, the library's sha256 (the manifest hashes this file)
+
+Options: `passes` (pipeline run before lowering; default DEFAULT_PIPELINE, "" for none), `entry` (the function;
+default `forward`). Not yet: MetaSchedule tuning (`r1c tune`), `cpu-arm` cross compilation, the fused MoE and
+tiled-attention ops as TensorIR kernels (docs/cpu.md says what is lowered).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from r1c.backends import TargetError, register_target
+
+if TYPE_CHECKING:
+    from r1c.artifact import Artifact
+    from r1c.ir.core import Module
+
+OPTIONS = ("passes", "entry")
+DEFAULT_PIPELINE = "canonicalize,cse,dce"
+LIB_FILE, PLAN_FILE = "cpu_lib.so", "cpu_plan.json"
+
+
+def host_target() -> dict[str, Any]:
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+
+
+def compile_cpu(
+    module: "Module", weights: dict[str, np.ndarray], out_dir: Path, options: Mapping[str, Any]
+) -> "Artifact":
+    import tvm
+    from tvm import relax
+
+    from r1c.artifact import write
+    from r1c.backends.cpu.lower import lower
+    from r1c.ir.verifier import verify
+    from r1c.passes import PassManager
+
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TargetError(f"target 'cpu' has no option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
+    passes = options.get("passes", DEFAULT_PIPELINE)
+    if passes:
+        module = PassManager(passes).run(module)
+    verify(module)
+    entry = options.get("entry") or module.main.name
+    if entry not in module.functions:
+        raise TargetError(f"target 'cpu': no function '{entry}' to compile; the module has {', '.join(module.functions)}")
+    mod, order = lower(module, entry)
+    target = host_target()
+    executable = tvm.compile(relax.transform.LegalizeOps()(mod), target=tvm.target.Target(target))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executable.export_library(str(out_dir / LIB_FILE))
+    digest = hashlib.sha256((out_dir / LIB_FILE).read_bytes()).hexdigest()
+    plan = {"entry": entry, "weights": order, "target": target, "lib_sha256": digest}
+    return write(out_dir, module, weights, "cpu", entry=entry, extra_files={PLAN_FILE: json.dumps(plan, indent=1) + "\n"})
+
+
+class CpuProgram:
+    """A loaded cpu artifact: the library in a Relax VM, with the weights converted once."""
+
+    def __init__(self, artifact: "Artifact") -> None:
+        import tvm
+        from tvm import relax
+
+        path = Path(artifact.path)
+        self.plan = json.loads((path / PLAN_FILE).read_text())
+        lib_path = path / LIB_FILE
+        if hashlib.sha256(lib_path.read_bytes()).hexdigest() != self.plan["lib_sha256"]:
+            raise TargetError(f"artifact {path}: {LIB_FILE} does not match the sha256 in {PLAN_FILE}; recompile")
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+        self.fn = artifact.module.functions[self.plan["entry"]]
+        self.weights = [tvm.runtime.tensor(np.ascontiguousarray(artifact.weights[n])) for n in self.plan["weights"]]
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        from r1c.ir.interpreter import bind_dims, to_storage
+
+        bind_dims(self.fn, inputs)  # a shape that does not fit the signature is an error here, not in TVM
+        args = [tvm.runtime.tensor(np.ascontiguousarray(to_storage(np.asarray(x), a.type.dtype))) for a, x in
+                zip(self.fn.args, inputs)]  # fmt: skip
+        out = self.vm["main"](*args, *self.weights)
+        outs = list(out) if len(self.fn.results) != 1 else [out]
+        return [o.numpy() for o in outs]
+
+
+_PROGRAMS: dict[str, CpuProgram] = {}
+
+
+def run_cpu(artifact: "Artifact", inputs: list[np.ndarray]) -> list[np.ndarray]:
+    key = str(Path(artifact.path).resolve()) + json.dumps(artifact.manifest["files"], sort_keys=True)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = CpuProgram(artifact)
+    return _PROGRAMS[key].run(inputs)
+
+
+register_target("cpu", compile_cpu, "TVM Relax, built by LLVM for this machine's CPU, run by the Relax VM", run_cpu)
