@@ -55,7 +55,8 @@ def compile_cpu(
     verify(module)
     entry = options.get("entry") or module.main.name
     if entry not in module.functions:
-        raise TargetError(f"target 'cpu': no function '{entry}' to compile; the module has {', '.join(module.functions)}")
+        have = ", ".join(module.functions)
+        raise TargetError(f"target 'cpu': no function '{entry}' to compile; the module has {have}")
     mod, order = lower(module, entry)
     target = host_target()
     executable = tvm.compile(relax.transform.LegalizeOps()(mod), target=tvm.target.Target(target))
@@ -64,7 +65,8 @@ def compile_cpu(
     executable.export_library(str(out_dir / LIB_FILE))
     digest = hashlib.sha256((out_dir / LIB_FILE).read_bytes()).hexdigest()
     plan = {"entry": entry, "weights": order, "target": target, "lib_sha256": digest}
-    return write(out_dir, module, weights, "cpu", entry=entry, extra_files={PLAN_FILE: json.dumps(plan, indent=1) + "\n"})
+    extra = {PLAN_FILE: json.dumps(plan, indent=1) + "\n"}
+    return write(out_dir, module, weights, "cpu", entry=entry, extra_files=extra)
 
 
 class CpuProgram:

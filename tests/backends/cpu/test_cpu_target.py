@@ -90,7 +90,8 @@ CASES = {
     ),
     "indexing": (
         """module @m {
-  func @forward(%t: f32[10,4], %ids: int32[B,S], %x: f32[B,S,5]) -> (f32[B,S,4], f32[B,S,2], int32[B,S,2], f32[B,S,2], f32[B,S,3], int32[B,S]) {
+  func @forward(%t: f32[10,4], %ids: int32[B,S], %x: f32[B,S,5])
+      -> (f32[B,S,4], f32[B,S,2], int32[B,S,2], f32[B,S,2], f32[B,S,3], int32[B,S]) {
     %0 = embedding(%t, %ids) : f32[B,S,4]
     %1, %2 = topk(%x) {k=2, axis=-1, largest=true} : f32[B,S,2], int32[B,S,2]
     %3 = gather(%x, %2) {axis=-1} : f32[B,S,2]
@@ -114,8 +115,10 @@ CASES = {
     "rope": (
         """module @m {
   func @forward(%x: f32[B,S,2,8], %p: int32[B,S]) -> (f32[B,S,2,8], f32[B,S,2,8]) {
-    %0 = rope(%x, %p) {theta=10000.0, interleaved=true, scaling="yarn", factor=4.0, original_max_position=16, beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=1.0} : f32[B,S,2,8]
-    %1 = rope(%x, %p) {theta=500.0, interleaved=false, scaling="none", factor=1.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0} : f32[B,S,2,8]
+    %0 = rope(%x, %p) {theta=10000.0, interleaved=true, scaling="yarn", factor=4.0, original_max_position=16,
+                            beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=1.0} : f32[B,S,2,8]
+    %1 = rope(%x, %p) {theta=500.0, interleaved=false, scaling="none", factor=1.0, original_max_position=4096,
+                            beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0} : f32[B,S,2,8]
     return %0, %1
   }
 }""",
@@ -123,13 +126,20 @@ CASES = {
     ),
     "moe_experts": (
         """module @m {
-  func @forward(%x: f32[T,8], %ids: int32[T,2], %wt: f32[T,2], %g: f32[4,6,8], %u: f32[4,6,8], %d: f32[4,8,6]) -> (f32[T,8]) {
+  func @forward(%x: f32[T,8], %ids: int32[T,2], %wt: f32[T,2], %g: f32[4,6,8], %u: f32[4,6,8],
+                %d: f32[4,8,6]) -> (f32[T,8]) {
     %0 = moe_experts(%x, %ids, %wt, %g, %u, %d) : f32[T,8]
     return %0
   }
 }""",
-        [F(5, 8), np.array([[0, 3], [1, 2], [3, 1], [2, 0], [1, 1]], np.int32), F(5, 2), F(4, 6, 8), F(4, 6, 8),
-         F(4, 8, 6)],  # fmt: skip
+        [
+            F(5, 8),
+            np.array([[0, 3], [1, 2], [3, 1], [2, 0], [1, 1]], np.int32),
+            F(5, 2),
+            F(4, 6, 8),
+            F(4, 6, 8),
+            F(4, 8, 6),
+        ],  # fmt: skip
     ),
 }
 
@@ -152,10 +162,25 @@ def test_every_lowering_is_exercised():
     "model,overrides",
     [
         ("r1-tiny.r1", {}),
-        ("deepseek-v2-lite.r1", dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=96,
-                                     moe_intermediate_size=32, n_routed_experts=8, experts_per_tok=2, n_group=2,
-                                     topk_group=1, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                                     v_head_dim=8, vocab_size=300)),  # fmt: skip
+        (
+            "deepseek-v2-lite.r1",
+            dict(
+                num_layers=2,
+                hidden_size=64,
+                num_heads=4,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                n_routed_experts=8,
+                experts_per_tok=2,
+                n_group=2,
+                topk_group=1,
+                kv_lora_rank=16,
+                qk_nope_head_dim=8,
+                qk_rope_head_dim=8,
+                v_head_dim=8,
+                vocab_size=300,
+            ),
+        ),  # fmt: skip
     ],
 )
 def test_models_end_to_end(model, overrides, tmp_path):
