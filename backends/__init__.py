@@ -36,7 +36,6 @@ _TARGETS: dict[str, Target] = {}
 
 # Targets on the roadmap (DESIGN.md). Naming them keeps `--target cuda` from reading like a typo.
 PLANNED: dict[str, str] = {
-    "cpu-arm": "TVM backend for ARM",
     "tpu": "StableHLO via JAX/XLA, with Pallas kernels",
 }
 

@@ -1,12 +1,16 @@
-"""The `cpu` target: verified IR -> Relax (lower.py) -> TVM's default Relax pipeline -> a shared library built by
-LLVM for this machine's CPU (`-mcpu` from LLVM's host detection), run through the Relax VM.
+"""The `cpu` and `cpu-arm` targets: verified IR -> Relax (lower.py) -> TVM's default Relax pipeline -> LLVM.
 
-    OUT/cpu_lib.so      the compiled module (tvm.runtime.load_module)
-    OUT/cpu_plan.json   entry, weight order, target, the library's sha256 (the manifest hashes this file)
+`cpu` builds a shared library for this machine's CPU (`-mcpu` from LLVM's host detection) and runs it through the
+Relax VM. `cpu-arm` cross-compiles for aarch64 with NEON into object files to link on the device (no run here: this
+machine has no aarch64 TVM runtime).
+
+    OUT/cpu_lib.so | cpu_lib.tar   the compiled module (tvm.runtime.load_module) | its objects, unlinked (cpu-arm)
+    OUT/cpu_lib.s                  with the `asm` option: the generated assembly
+    OUT/cpu_plan.json              entry, weight order, target, the library's sha256 (the manifest hashes this file)
 
 Options: `passes` (pipeline run before lowering; default DEFAULT_PIPELINE, "" for none), `entry` (the function;
-default `forward`). Not yet: MetaSchedule tuning (`r1c tune`), `cpu-arm` cross compilation, the fused MoE and
-tiled-attention ops as TensorIR kernels (docs/cpu.md says what is lowered).
+default `forward`), `asm` (also write the assembly). Not yet: MetaSchedule tuning (`r1c tune`), schedules for the
+generated loops, the fused MoE and tiled-attention ops as TensorIR kernels (docs/cpu.md).
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ if TYPE_CHECKING:
     from r1c.artifact import Artifact
     from r1c.ir.core import Module
 
-OPTIONS = ("passes", "entry")
+OPTIONS = ("passes", "entry", "asm")
 DEFAULT_PIPELINE = "canonicalize,cse,dce"
-LIB_FILE, PLAN_FILE = "cpu_lib.so", "cpu_plan.json"
+LIB_FILE, ARM_LIB_FILE, ASM_FILE, PLAN_FILE = "cpu_lib.so", "cpu_lib.tar", "cpu_lib.s", "cpu_plan.json"
+ARM_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
 
 
 def host_target() -> dict[str, Any]:
@@ -38,6 +43,18 @@ def host_target() -> dict[str, Any]:
 def compile_cpu(
     module: "Module", weights: dict[str, np.ndarray], out_dir: Path, options: Mapping[str, Any]
 ) -> "Artifact":
+    return build(module, weights, out_dir, options, "cpu")
+
+
+def compile_cpu_arm(
+    module: "Module", weights: dict[str, np.ndarray], out_dir: Path, options: Mapping[str, Any]
+) -> "Artifact":
+    return build(module, weights, out_dir, options, "cpu-arm")
+
+
+def build(
+    module: "Module", weights: dict[str, np.ndarray], out_dir: Path, options: Mapping[str, Any], name: str
+) -> "Artifact":
     import tvm
     from tvm import relax
 
@@ -48,7 +65,7 @@ def compile_cpu(
 
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise TargetError(f"target 'cpu' has no option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
+        raise TargetError(f"target '{name}' has no option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
     passes = options.get("passes", DEFAULT_PIPELINE)
     if passes:
         module = PassManager(passes).run(module)
@@ -56,17 +73,20 @@ def compile_cpu(
     entry = options.get("entry") or module.main.name
     if entry not in module.functions:
         have = ", ".join(module.functions)
-        raise TargetError(f"target 'cpu': no function '{entry}' to compile; the module has {have}")
+        raise TargetError(f"target '{name}': no function '{entry}' to compile; the module has {have}")
     mod, order = lower(module, entry)
-    target = host_target()
+    target = host_target() if name == "cpu" else ARM_TARGET
     executable = tvm.compile(relax.transform.LegalizeOps()(mod), target=tvm.target.Target(target))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(out_dir / LIB_FILE))
-    digest = hashlib.sha256((out_dir / LIB_FILE).read_bytes()).hexdigest()
-    plan = {"entry": entry, "weights": order, "target": target, "lib_sha256": digest}
+    lib = out_dir / (LIB_FILE if name == "cpu" else ARM_LIB_FILE)  # .tar: objects, no cross linker needed
+    executable.export_library(str(lib))
+    plan = {"entry": entry, "weights": order, "target": target, "lib": lib.name}
+    plan["lib_sha256"] = hashlib.sha256(lib.read_bytes()).hexdigest()
     extra = {PLAN_FILE: json.dumps(plan, indent=1) + "\n"}
-    return write(out_dir, module, weights, "cpu", entry=entry, extra_files=extra)
+    if options.get("asm"):
+        extra[ASM_FILE] = executable.mod.imports[0].inspect_source("s")
+    return write(out_dir, module, weights, name, entry=entry, extra_files=extra)
 
 
 class CpuProgram:
@@ -109,3 +129,4 @@ def run_cpu(artifact: "Artifact", inputs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 register_target("cpu", compile_cpu, "TVM Relax, built by LLVM for this machine's CPU, run by the Relax VM", run_cpu)
+register_target("cpu-arm", compile_cpu_arm, "TVM Relax cross-compiled for aarch64 with NEON (objects to link)")

@@ -88,7 +88,7 @@ def test_registry():
     assert "cuda" in backends.all_targets()
     with pytest.raises(backends.TargetError, match=r"target 'tpu' is not implemented yet \(planned: StableHLO"):
         backends.get_target("tpu")
-    with pytest.raises(backends.TargetError, match="unknown target 'gpu'.*available targets: cuda, ref"):
+    with pytest.raises(backends.TargetError, match="unknown target 'gpu'.*available targets: cpu, cpu-arm, cuda, ref"):
         backends.get_target("gpu")
     with pytest.raises(ValueError, match="registered twice"):
         backends.register_target("ref", lambda *a: None, "again")

@@ -82,11 +82,11 @@ def test_unknown_target(cli, tiny_ir, tmp_path):
         cli("compile", str(tiny_ir), "--target", "fpga", "-o", str(tmp_path / "o")),
         1,
         "unknown target 'fpga'",
-        "available targets: cuda, ref",
+        "available targets: cpu, cpu-arm, cuda, ref",
     )
 
 
-@pytest.mark.parametrize("target, planned", [("tpu", "XLA"), ("cpu", "TVM"), ("cpu-arm", "ARM")])
+@pytest.mark.parametrize("target, planned", [("tpu", "XLA")])
 def test_planned_target_not_implemented(cli, tiny_ir, tmp_path, target, planned):
     out = tmp_path / "o"
     _clean(

@@ -4,6 +4,7 @@ errors for what is not lowered."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,19 @@ def test_unlowered_op_is_a_clear_error(tmp_path):
     window = CASES["attention_gqa_causal"][0].replace("causal=true, window=0", "causal=true, window=2")
     with pytest.raises(LoweringError, match="window or sinks is not lowered"):
         r1c.compile(parse_module(window), target="cpu", weights={}, out_dir=tmp_path / "b", options={"passes": ""})
+
+
+def test_cpu_arm_cross_compiles_to_aarch64_neon(tmp_path):
+    """cpu-arm: object files for aarch64 (ELF e_machine 183) whose assembly uses NEON vector FMAs. Not run: this
+    machine has no aarch64 TVM runtime (qemu-user would also need one)."""
+    import tarfile
+
+    m = r1c.load(EXAMPLES / "r1-tiny.r1")
+    art = r1c.compile(m, target="cpu-arm", weights=init_weights(m, 0), out_dir=tmp_path / "a", options={"asm": True})
+    with tarfile.open(art.path / "cpu_lib.tar") as tar:
+        objects = [tar.extractfile(x).read() for x in tar.getmembers() if x.name.endswith(".o")]
+    assert objects and all(o[:4] == b"\x7fELF" and int.from_bytes(o[18:20], "little") == 183 for o in objects)
+    asm = (art.path / "cpu_lib.s").read_text()
+    assert len(re.findall(r"\bfmla\s+v\d+\.4s", asm)) > 10  # aarch64 NEON: 4 x f32 fused multiply-adds
+    with pytest.raises(ValueError, match="cannot be executed|no runner|run"):
+        art.run([np.zeros((1, 4), np.int32)])
