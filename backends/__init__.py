@@ -74,4 +74,38 @@ def get_target(name: str) -> Target:
     )
 
 
-__all__ = ["PLANNED", "Target", "TargetError", "all_targets", "get_target", "register_target"]
+def check_options(target: str, options: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TargetError(f"target '{target}' has no option(s) {', '.join(unknown)}; it takes {', '.join(allowed)}")
+
+
+def optimized_entry(
+    target: str, module: "Module", options: Mapping[str, Any], default_pipeline: str
+) -> tuple["Module", str]:
+    """The module after the `passes` option's pipeline (default_pipeline if absent, none if ""), verified, and the
+    name of the function to compile (the `entry` option, default the module's main)."""
+    from r1c.ir.verifier import verify
+    from r1c.passes import PassManager
+
+    passes = options.get("passes", default_pipeline)
+    if passes:
+        module = PassManager(passes).run(module)
+    verify(module)
+    entry = options.get("entry") or module.main.name
+    if entry not in module.functions:
+        have = ", ".join(module.functions)
+        raise TargetError(f"target '{target}': no function '{entry}' to compile; the module has {have}")
+    return module, entry
+
+
+__all__ = [
+    "PLANNED",
+    "Target",
+    "TargetError",
+    "all_targets",
+    "check_options",
+    "get_target",
+    "optimized_entry",
+    "register_target",
+]

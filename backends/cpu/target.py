@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from r1c.backends import TargetError, register_target
+from r1c.backends import TargetError, check_options, optimized_entry, register_target
 
 if TYPE_CHECKING:
     from r1c.artifact import Artifact
@@ -60,20 +60,9 @@ def build(
 
     from r1c.artifact import write
     from r1c.backends.cpu.lower import lower
-    from r1c.ir.verifier import verify
-    from r1c.passes import PassManager
 
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TargetError(f"target '{name}' has no option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
-    passes = options.get("passes", DEFAULT_PIPELINE)
-    if passes:
-        module = PassManager(passes).run(module)
-    verify(module)
-    entry = options.get("entry") or module.main.name
-    if entry not in module.functions:
-        have = ", ".join(module.functions)
-        raise TargetError(f"target '{name}': no function '{entry}' to compile; the module has {have}")
+    check_options(name, options, OPTIONS)
+    module, entry = optimized_entry(name, module, options, DEFAULT_PIPELINE)
     mod, order = lower(module, entry)
     target = host_target() if name == "cpu" else ARM_TARGET
     executable = tvm.compile(relax.transform.LegalizeOps()(mod), target=tvm.target.Target(target))

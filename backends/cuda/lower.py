@@ -187,12 +187,19 @@ def _const_value(op: Op) -> float | int:
     return float(v) if op.result.type.dtype.is_float else int(v)
 
 
-def _overwritable(f: Function, op: Op, users: dict[Value, list[Op]], pos: dict[int, int], results: set[Value]) -> bool:
+def _overwritable(
+    f: Function,
+    op: Op,
+    users: dict[Value, list[Op]],
+    producers: dict[Value, Op],
+    pos: dict[int, int],
+    results: set[Value],
+) -> bool:
     """Whether `op` may write into its first operand: the operand is a function argument (the caller donates it) or
     another in-place write's result (not a view, whose base others may read), is not a result, and every other
     reader has run by the write's launch."""
     v = op.operands[0]
-    producer = f.producers().get(v)
+    producer = producers.get(v)
     if v in results or not (v in f.args or (producer is not None and producer.name in IN_PLACE)):
         return False
     return all(pos[id(r)] < pos[id(op)] for r in users[v] if r is not op)
@@ -221,6 +228,7 @@ def lower(module: Module, entry: str) -> dict[str, Any]:
     results = set(f.results)
     units = _units(f)
     pos = {id(o): u.pos for u in units for o in u.ops}  # where each op's launch runs
+    producers = f.producers()
     consts = {u.ops[0].result for u in units if u.kind == "const"}
     const_ops = {u.ops[0].result: u.ops[0] for u in units if u.kind == "const"}
     sources: dict[str, str] = {}  # body with placeholder -> file name
@@ -281,7 +289,7 @@ def lower(module: Module, entry: str) -> dict[str, Any]:
         elif u.kind == "template":
             step.update(launcher=u.launcher, inputs=[v.name for v in u.ops[0].operands])
             if u.launcher in IN_PLACE:
-                step["in_place"] = _overwritable(f, u.ops[0], users, pos, results)
+                step["in_place"] = _overwritable(f, u.ops[0], users, producers, pos, results)
             step["outputs"] = [r.name for r in (u.ops[-1].results if u.launcher == FUSED_MOE else u.ops[0].results)]
         steps.append(step)
     _mark_static(steps, f)

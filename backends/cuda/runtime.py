@@ -130,16 +130,12 @@ class Program:
             k.kernel[grid](src, dst, rows, *shape, *src.stride(), *dst.stride(), **blocks)
 
     def copy_of(self, t: torch.Tensor) -> torch.Tensor:
-        out = self._alloc(tuple(t.shape), t.dtype)
+        out = self._alloc(tuple(t.shape), t.dtype)  # row-major, unlike empty_like of a view
         self.copy_into(t, out)
         return out
 
     def contiguous(self, t: torch.Tensor) -> torch.Tensor:
-        if t.is_contiguous():
-            return t
-        out = self._alloc(tuple(t.shape), t.dtype)  # row-major, unlike empty_like of a view
-        self.copy_into(t, out)
-        return out
+        return t if t.is_contiguous() else self.copy_of(t)
 
     def as_shape(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """A view of `t` with `shape`, through a copy when the strides do not allow one."""

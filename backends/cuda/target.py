@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from r1c.backends import TargetError, register_target
+from r1c.backends import TargetError, check_options, optimized_entry, register_target
 
 if TYPE_CHECKING:
     from r1c.artifact import Artifact
@@ -36,23 +36,12 @@ def compile_cuda(
     from r1c.backends.cuda import kernel_cache
     from r1c.backends.cuda.lower import DEFAULT_PIPELINE, lower
     from r1c.backends.cuda.runtime import KERNEL_DIR, PLAN_FILE
-    from r1c.ir.verifier import verify
-    from r1c.passes import PassManager
 
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise TargetError(f"target 'cuda' has no option(s) {', '.join(unknown)}; it takes {', '.join(OPTIONS)}")
+    check_options("cuda", options, OPTIONS)
     dtype = options.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise TargetError(f"target 'cuda': dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    passes = options.get("passes", DEFAULT_PIPELINE)
-    if passes:
-        module = PassManager(passes).run(module)
-    verify(module)
-    entry = options.get("entry") or module.main.name
-    if entry not in module.functions:
-        have = ", ".join(module.functions)
-        raise TargetError(f"target 'cuda': no function '{entry}' to compile; the module has {have}")
+    module, entry = optimized_entry("cuda", module, options, DEFAULT_PIPELINE)
     plan = lower(module, entry)
     plan["dtype"] = dtype
     sources = plan.pop("kernels")

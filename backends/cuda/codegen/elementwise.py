@@ -20,7 +20,7 @@ from typing import Any, Callable
 from r1c.ir.core import Op, Value
 from r1c.ir.types import DType
 
-BLOCK = 1024
+BLOCK = 1024  # the widest tile along the last dim
 
 
 def kind(dtype: DType) -> str:
@@ -152,7 +152,7 @@ def tile_grid(shape: tuple[int, ...], tensors: list[Any]) -> tuple[tuple[int, in
     an element offset of the launch needs 64 bits."""
     last = shape[-1]
     rows = math.prod(shape[:-1])
-    block = min(1024, pow2(last))
+    block = min(BLOCK, pow2(last))
     nrows = min(max(1, 2048 // block), pow2(rows))
     big = max([math.prod(shape)] + [span(t) for t in tensors]) >= 1 << 31
     return (-(-rows // nrows), -(-last // block)), {"ROWS": nrows, "BLOCK": block, "BIG": big}, rows
