@@ -13,7 +13,7 @@ import traceback
 from typing import Sequence
 
 import r1c
-from r1c import cli_inspect, cli_model, cli_opt, cli_partition, cli_train
+from r1c import cli_inspect, cli_model, cli_opt, cli_partition, cli_train, cli_tune
 
 COMMANDS = (
     cli_model.add_compile,
@@ -24,6 +24,7 @@ COMMANDS = (
     cli_inspect.add_viz,
     cli_partition.add_partition,
     cli_train.add_train,
+    cli_tune.add_tune,
 )
 
 

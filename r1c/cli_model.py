@@ -11,6 +11,7 @@ from rich.table import Table
 
 from r1c.api import InputError, load_weights
 from r1c.cli_common import add_set_flag, console, load_model
+from r1c.cli_tune import add_shape_flags, parse_shapes
 
 
 def add_compile(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +30,10 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", choices=("f32", "f16", "bf16"), help="cuda: cast float parameters and activations")
     p.add_argument("--dump-kernels", metavar="DIR", help="cuda: also write every generated kernel's source to DIR")
-    p.add_argument("--entry", metavar="FUNC", help="cuda: the function to compile (default forward; decode: a KV step)")
+    p.add_argument(
+        "--entry", metavar="FUNC", help="cuda, cpu: the function to compile (default forward; decode: a KV step)"
+    )
+    add_shape_flags(p)
     add_set_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed for initializing weights (default: 0)")
     w = p.add_mutually_exclusive_group()
@@ -61,8 +65,15 @@ def run_compile(args: argparse.Namespace) -> int:
         options = {k: v for k, v in flags if v is not None}
         if passes is not None:
             options["passes"], passes = passes, None
+    elif args.target in ("cpu", "cpu-arm"):
+        if args.dtype or args.dump_kernels:
+            raise InputError("--dtype and --dump-kernels apply to --target cuda")
+        flags = (("entry", args.entry), ("shapes", parse_shapes(args.shapes) or None), ("tuning", args.tuning_db))
+        options = {k: v for k, v in flags if v is not None}
     elif args.dtype or args.dump_kernels or args.entry:
-        raise InputError("--dtype, --dump-kernels and --entry apply to --target cuda")
+        raise InputError("--dtype, --dump-kernels and --entry apply to --target cuda (--entry also to cpu)")
+    if (args.shapes or args.tuning_db) and args.target not in ("cpu", "cpu-arm"):
+        raise InputError("--shapes and --tuning-db apply to --target cpu and cpu-arm")
     art = r1c.compile(
         module,
         target=args.target,

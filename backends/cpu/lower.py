@@ -9,26 +9,32 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from tvm import relax
 from tvm import tirx as tir
+from tvm.relax import op as R
 
 from r1c.backends import TargetError
+from r1c.backends.cpu import kernels
 from r1c.backends.cpu.relax_ops import LOWERINGS, tvm_dtype
 from r1c.ir import dims
-from r1c.ir.core import Function, Module
+from r1c.ir.core import Function, Module, Value
 from r1c.ir.dims import Dim
-from r1c.ir.types import TensorType
+from r1c.ir.types import DType, TensorType
 
 
 class LoweringError(TargetError):
     """An op the cpu target cannot lower (a TargetError: the CLI reports it in one line)."""
 
 
-class Dims:
-    """IR dims as TIR expressions, one int64 variable per symbol."""
+class Context:
+    """What a lowering needs besides its operands: IR dims as TIR expressions (one int64 variable per symbol, or
+    the value bound to it), and which weights arrive already packed in panels (kernels.pack_panels)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bound: dict[str, int]) -> None:
         self.vars: dict[str, tir.Var] = {}
+        self.bound = bound
+        self.packed: dict[Any, int] = {}  # weight var -> its panel width
 
     def __call__(self, d: Dim) -> Any:
         if isinstance(d, int):
@@ -36,7 +42,7 @@ class Dims:
         coeff, syms = dims._factor(d)
         out: Any = coeff
         for s, n in sorted(syms.items()):
-            var = self.vars.setdefault(s, tir.Var(s, "int64"))
+            var = self.bound[s] if s in self.bound else self.vars.setdefault(s, tir.Var(s, "int64"))
             for _ in range(n):
                 out = var if out == 1 else out * var
         return out
@@ -44,15 +50,61 @@ class Dims:
     def tensor(self, t: TensorType) -> relax.TensorType:
         return relax.TensorType([self(d) for d in t.shape], tvm_dtype(t.dtype))
 
+    def shape(self, v: Value) -> list[Any]:
+        return [self(d) for d in v.type.shape]
 
-def lower(module: Module, entry: str) -> tuple[Any, list[str]]:
-    """(IRModule with `main`, the weight names in the order `main` takes them after the arguments)."""
+    def panels(self, w: Any, p: int) -> Any:
+        """w [..., N, K] in panels of width p, the layout of the GEMM kernels: as given when packed at load, else
+        packed here."""
+        if w in self.packed:
+            assert self.packed[w] == p, "a weight packed at load for one kernel is read by another"
+            return w
+        *lead, n, k = (int(d) for d in w.ty.shape)
+        np_ = -(-n // p)
+        if np_ * p != n:
+            w = R.concat([w, relax.const(np.zeros((*lead, np_ * p - n, k), "float32"))], axis=len(lead))
+        return R.permute_dims(R.reshape(w, [*lead, np_, p, k]), [*range(len(lead) + 1), len(lead) + 2, len(lead) + 1])
+
+
+PACKED_USES = {"linear": (1,), "moe_experts": (3, 4, 5)}  # operands the GEMM kernels read as panels
+
+
+def panel_for(op_name: str, n: int) -> int:
+    return kernels.expert_panel_width(n) if op_name == "moe_experts" else kernels.panel_width(n)
+
+
+def packable(f: Function) -> dict[Value, int]:
+    """Params whose every use reads them as panels of one width: packed once at load, not at every call."""
+    widths: dict[Value, set[int] | None] = {}
+    for op in f.body:
+        for i, v in enumerate(op.operands):
+            if i in PACKED_USES.get(op.name, ()) and widths.get(v, set()) is not None:
+                widths.setdefault(v, set()).add(panel_for(op.name, int(v.type.shape[-2])))
+            else:
+                widths[v] = None
+    for v in f.results:
+        widths[v] = None
+    return {op.result: next(iter(w)) for op in f.body if op.name == "param" and op.result.type.dtype == DType.f32
+            and (w := widths.get(op.result)) and len(w) == 1}  # fmt: skip
+
+
+def lower(module: Module, entry: str, bound: dict[str, int] | None = None) -> tuple[Any, list[str], dict[str, int]]:
+    """(IRModule with `main`, the weight names in the order `main` takes them after the arguments, the panel width
+    of each that `main` takes packed). `bound` fixes symbolic dims to values (a static-shape build)."""
     f: Function = module.functions[entry]
-    dim = Dims()
+    dim = Context(bound or {})
     params = [op for op in f.body if op.name == "param"]
     weights = [op.attrs["name"] for op in params]
+    to_pack = packable(f)
     args = [relax.Var(a.name, dim.tensor(a.type)) for a in f.args]
-    wvars = [relax.Var(f"w{i}", dim.tensor(module.params[n].type)) for i, n in enumerate(weights)]
+    wvars = []
+    for i, op in enumerate(params):
+        t = dim.tensor(module.params[op.attrs["name"]].type)
+        if op.result in to_pack:
+            t = relax.TensorType(kernels.pack_panels_shape([int(d) for d in t.shape], to_pack[op.result]), "float32")
+        wvars.append(relax.Var(f"w{i}", t))
+        if op.result in to_pack:
+            dim.packed[wvars[-1]] = to_pack[op.result]
     bb = relax.BlockBuilder()
     env: dict[Any, Any] = dict(zip(f.args, args))
     env.update({op.result: w for op, w in zip(params, wvars)})
@@ -75,4 +127,4 @@ def lower(module: Module, entry: str) -> tuple[Any, list[str]]:
             results = [env[r] for r in f.results]
             out = bb.emit_output(relax.Tuple(results) if len(results) != 1 else results[0])
         bb.emit_func_output(out)
-    return bb.get(), weights
+    return bb.get(), weights, {op.attrs["name"]: to_pack[op.result] for op in params if op.result in to_pack}

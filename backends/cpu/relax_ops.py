@@ -14,10 +14,13 @@ import numpy as np
 from tvm import relax
 from tvm.relax import op as R
 
+from r1c.backends.cpu import kernels
+from r1c.ir import dims
 from r1c.ir.core import Op
 from r1c.ir.ops.nn import rope_inv_freq
 from r1c.ir.types import DType
 
+OPAQUE = 8  # TVM's kOpaque op pattern: FuseOps fuses nothing into it
 Lowering = Callable[[relax.BlockBuilder, list[Any], Op, Callable], list[Any]]
 LOWERINGS: dict[str, Lowering] = {}
 
@@ -103,14 +106,46 @@ def _cast(bb, ins, op, dim):
 
 @lowering("linear")
 @_one
-def _linear(bb, ins, op, dim):
-    return R.matmul(ins[0], R.permute_dims(ins[1], [1, 0]))
+def _linear(bb, ins, op, ctx):
+    x, w = ins
+    *lead, kdim = op.operands[0].type.shape
+    n = op.operands[1].type.shape[0]
+    rows = ctx(dims.mul(*lead)) if lead else 1
+    panels = ctx.panels(w, kernels.panel_width(int(n)))
+    y = emit_kernel(bb, kernels.dense_packed, R.reshape(x, [rows, ctx(kdim)]), panels, int(n), name="dense")
+    return R.reshape(y, [ctx(d) for d in op.result.type.shape])
 
 
 @lowering("matmul")
 @_one
-def _matmul(bb, ins, op, dim):
-    return R.matmul(ins[0], ins[1])
+def _matmul(bb, ins, op, ctx):
+    a, b = (v.type.shape for v in op.operands)
+    if len(a) != len(b) or a[:-2] != b[:-2] or len(a) < 2:  # broadcasting batches: TVM's matmul
+        return R.matmul(ins[0], ins[1])
+    return batched(bb, ins[0], ins[1], [ctx(d) for d in op.result.type.shape], ctx)
+
+
+def batched(bb, a, b, out_shape: list, ctx) -> Any:
+    """a [..., M, K] @ b [..., K, N] with equal batch dims, through the tiled batched GEMM."""
+    a, b = (bb.emit(x) if isinstance(x, relax.Call) else x for x in (a, b))
+    sa, sb = (list(x.ty.shape) for x in (a, b))
+    batch = 1
+    for d in sa[:-2]:
+        batch = batch * d
+    y = emit_kernel(bb, kernels.batched_matmul, R.reshape(a, [batch, *sa[-2:]]), R.reshape(b, [batch, *sb[-2:]]),
+                    name="batched_matmul")  # fmt: skip
+    return R.reshape(y, out_shape)
+
+
+def emit_kernel(bb, fn: Callable, *args, name: str, kind: str = "gemm") -> Any:
+    """emit_te for a kernels.py kernel, marked so FuseOps leaves it whole and schedule.py finds it."""
+    args = tuple(bb.emit(a) if isinstance(a, relax.Call) else a for a in args)
+    out = bb.emit_te(fn, *args, primfunc_name_hint=name)
+    gv = bb.lookup_binding(out).args[0]
+    func = bb.get()[gv]
+    if kernels.KERNEL_ATTR not in (func.attrs or {}):
+        bb.update_func(gv, func.with_attrs({kernels.KERNEL_ATTR: kind, "op_pattern": OPAQUE}))
+    return out
 
 
 @lowering("rmsnorm")
@@ -216,54 +251,56 @@ def _rope(bb, ins, op, dim):
     d = op.operands[0].type.shape[3]
     inv, scale = rope_inv_freq(d, op.attrs)
     dt = tvm_dtype(op.result.type.dtype)
-    # angles in float32 as the reference (and HF) compute them, [B, S, 1, D/2]
-    angles = R.multiply(R.expand_dims(R.astype(pos, "float32"), [2, 3]), relax.const(inv.astype(np.float32)))
-    cos = R.astype(R.multiply(R.cos(angles), relax.const(np.float32(scale))), dt)
-    sin = R.astype(R.multiply(R.sin(angles), relax.const(np.float32(scale))), dt)
-    if op.attrs["interleaved"]:
-        x1 = R.strided_slice(x, axes=[3], begin=[0], end=[d], strides=[2])
-        x2 = R.strided_slice(x, axes=[3], begin=[1], end=[d], strides=[2])
-    else:
-        x1 = R.strided_slice(x, axes=[3], begin=[0], end=[d // 2])
-        x2 = R.strided_slice(x, axes=[3], begin=[d // 2], end=[d])
-    lo = R.subtract(R.multiply(x1, cos), R.multiply(x2, sin))
-    hi = R.add(R.multiply(x2, cos), R.multiply(x1, sin))
-    return R.concat([lo, hi], axis=3)
+    table = emit_kernel(bb, kernels.rope_table, pos, relax.const(inv.astype(np.float32)), float(scale),
+                        name="rope_table", kind="table")  # fmt: skip
+    cos, sin = (bb.emit(R.astype(relax.TupleGetItem(table, i), dt)) for i in (0, 1))
+    return bb.call_te(kernels.rope_rotate, x, cos, sin, bool(op.attrs["interleaved"]), primfunc_name_hint="rope")
 
 
 @lowering("attention")
 @_one
-def _attention(bb, ins, op, dim):
+def _attention(bb, ins, op, ctx):
     q, k, v = ins
     a = op.attrs
     if a["window"] or a["sinks"]:
         raise NotImplementedError("cpu target: attention with window or sinks is not lowered yet")
-    h, hkv = op.operands[0].type.shape[1], op.operands[1].type.shape[1]
+    (b, h, sq, _), (_, hkv, skv, _) = (ctx.shape(x) for x in op.operands[:2])
     if h != hkv:
         k, v = R.repeat(k, h // hkv, axis=1), R.repeat(v, h // hkv, axis=1)
-    s = R.multiply(R.matmul(q, R.permute_dims(k, [0, 1, 3, 2])), relax.const(np.float32(a["scale"])))
-    s = R.astype(s, tvm_dtype(op.result.type.dtype))
-    if a["causal"]:
-        sq, skv = dim(op.operands[0].type.shape[2]), dim(op.operands[1].type.shape[2])
-        qpos = R.arange(skv - sq, skv, 1, "int64")  # the queries are the newest tokens
-        kpos = R.arange(0, skv, 1, "int64")
-        visible = R.less_equal(R.expand_dims(kpos, [0]), R.expand_dims(qpos, [1]))  # [Sq, Skv]
-        s = R.where(visible, s, relax.const(-np.inf, tvm_dtype(op.result.type.dtype)))
-    return R.matmul(R.nn.softmax(s, axis=-1), v)
+    s = batched(bb, q, R.permute_dims(k, [0, 1, 3, 2]), [b * h, sq, skv], ctx)
+    dt = tvm_dtype(op.result.type.dtype)
+    p = emit_kernel(bb, kernels.attention_probs, s, float(a["scale"]), bool(a["causal"]), dt, name="attention_probs",
+                    kind="softmax")  # fmt: skip
+    return batched(bb, R.reshape(p, [b, h, sq, skv]), v, [ctx(d) for d in op.result.type.shape], ctx)
 
 
 @lowering("moe_experts")
 @_one
-def _moe_experts(bb, ins, op, dim):
-    """Every expert on every token, weighted by the routing weights scattered to [T, E]: exact, and E/k times the
-    FLOPs of the routed tokens only (a grouped lowering is the next step, docs/cpu.md)."""
+def _moe_experts(bb, ins, op, ctx):
+    """Routed: a counting sort puts each expert's tokens in whole tiles of consecutive rows, grouped GEMMs run
+    gate, up and down over those rows only, and each token sums its k rows weighted by the routing weights."""
     x, ids, weights, w_gate, w_up, w_down = ins
-    e = op.operands[3].type.shape[0]
-    dt = tvm_dtype(op.operands[2].type.dtype)
-    hot = R.one_hot(ids, relax.prim_value(1.0, dt), relax.prim_value(0.0, dt), depth=e, axis=-1)  # [T, k, E]
-    dense = R.sum(R.multiply(hot, R.expand_dims(weights, [2])), axis=[1])  # [T, E]
-    xe = R.expand_dims(x, [0])  # [1, T, D]
-    g = R.matmul(xe, R.permute_dims(w_gate, [0, 2, 1]))  # [E, T, F]
-    u = R.matmul(xe, R.permute_dims(w_up, [0, 2, 1]))
-    y = R.matmul(R.multiply(R.nn.silu(g), u), R.permute_dims(w_down, [0, 2, 1]))  # [E, T, D]
-    return R.sum(R.multiply(y, R.expand_dims(R.permute_dims(dense, [1, 0]), [2])), axis=[0])
+    if op.operands[0].type.dtype != DType.f32:
+        raise NotImplementedError("cpu target: moe_experts is lowered for float32 only")
+    tokens, k = ctx(op.operands[1].type.shape[0]), int(op.operands[1].type.shape[1])
+    e, f, d = (int(n) for n in op.operands[3].type.shape)
+    rows = kernels.routed_rows(tokens, k, e)
+    i32 = lambda *shape: relax.TensorType(list(shape), "int32")  # noqa: E731
+    route = bb.add_func(kernels.moe_route(e, k), "moe_route")
+    routed = bb.emit(relax.call_tir(route, [ids], [i32(rows), i32(rows // kernels.MOE_MI), i32(tokens, k), i32(1)]))
+    row_token, tiles, slot, used = (bb.emit(relax.TupleGetItem(routed, i)) for i in range(4))
+    xs = bb.emit(R.take(x, row_token, axis=0))  # [P, D]
+
+    def grouped(inp, w, kdim, n):
+        gv = bb.add_func(kernels.grouped_matmul(e, kdim, n), "grouped_matmul")
+        p = kernels.expert_panel_width(n)
+        width = kernels.pack_panels_shape([n, kdim], p)[0] * p
+        y = bb.emit(
+            relax.call_tir(gv, [inp, ctx.panels(w, p), tiles, used], relax.TensorType([rows, width], "float32"))
+        )
+        return y if width == n else bb.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
+
+    h = bb.emit(R.multiply(R.nn.silu(grouped(xs, w_gate, d, f)), grouped(xs, w_up, d, f)))
+    y = grouped(h, w_down, f, d)  # [P, D]
+    ys = R.reshape(R.take(y, R.reshape(slot, [tokens * k]), axis=0), [tokens, k, d])
+    return R.sum(R.multiply(ys, R.expand_dims(weights, [2])), axis=[1])

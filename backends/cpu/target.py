@@ -1,4 +1,4 @@
-"""The `cpu` and `cpu-arm` targets: verified IR -> Relax (lower.py) -> TVM's default Relax pipeline -> LLVM.
+"""The `cpu` and `cpu-arm` targets: verified IR -> Relax (lower.py) -> fusion, schedules -> LLVM (docs/cpu.md).
 
 `cpu` builds a shared library for this machine's CPU (`-mcpu` from LLVM's host detection) and runs it through the
 Relax VM. `cpu-arm` cross-compiles for aarch64 with NEON into object files to link on the device (no run here: this
@@ -6,29 +6,37 @@ machine has no aarch64 TVM runtime).
 
     OUT/cpu_lib.so | cpu_lib.tar   the compiled module (tvm.runtime.load_module) | its objects, unlinked (cpu-arm)
     OUT/cpu_lib.s                  with the `asm` option: the generated assembly
-    OUT/cpu_plan.json              entry, weight order, target, the library's sha256 (the manifest hashes this file)
+    OUT/cpu_plan.json              entry, weight order, packed weights and panel widths, target, shapes, the
+                                   kernels taken from the tuning database, the library's sha256 (hashed by the
+                                   manifest)
+
+The TVM side: LegalizeOps and TVM's operator fusion, then the tuning database's schedules (tune.py) where it
+has records for a function, then the default schedules (schedule.py) for the rest. Weights that only GEMMs read are
+packed in panels once, when the artifact is loaded (kernels.pack_panels); the plan names them.
 
 Options: `passes` (pipeline run before lowering; default DEFAULT_PIPELINE, "" for none), `entry` (the function;
-default `forward`), `asm` (also write the assembly). Not yet: MetaSchedule tuning (`r1c tune`), schedules for the
-generated loops, the fused MoE and tiled-attention ops as TensorIR kernels (docs/cpu.md).
+default `forward`), `asm` (also write the assembly), `shapes` ({symbol: value}: a static-shape build, what
+tuning needs), `tuning` (the tuning database directory; default tune.default_dir(); "" for none).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from r1c.backends import TargetError, check_options, optimized_entry, register_target
+from r1c.backends.cpu.kernels import pack_panels
 
 if TYPE_CHECKING:
     from r1c.artifact import Artifact
     from r1c.ir.core import Module
 
-OPTIONS = ("passes", "entry", "asm")
+OPTIONS = ("passes", "entry", "asm", "shapes", "tuning")
 DEFAULT_PIPELINE = "canonicalize,cse,dce"
 LIB_FILE, ARM_LIB_FILE, ASM_FILE, PLAN_FILE = "cpu_lib.so", "cpu_lib.tar", "cpu_lib.s", "cpu_plan.json"
 ARM_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
@@ -37,7 +45,29 @@ ARM_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]
 def host_target() -> dict[str, Any]:
     from tvm.target import codegen
 
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
+
+
+def target_for(name: str) -> dict[str, Any]:
+    return host_target() if name == "cpu" else ARM_TARGET
+
+
+def build_relax(module: "Module", options: Mapping[str, Any], name: str) -> tuple[Any, dict[str, Any], "Module"]:
+    """IR -> fused, unscheduled Relax/TIR module (what tuning and compile share), its plan, the optimized IR."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+    from r1c.backends.cpu.lower import lower
+
+    check_options(name, options, OPTIONS)
+    module, entry = optimized_entry(name, module, options, DEFAULT_PIPELINE)
+    shapes = dict(options.get("shapes") or {})
+    mod, order, packed = lower(module, entry, shapes)
+    target = target_for(name)
+    with tvm.target.Target(target) as t:  # TVM's dispatch, legalization and operator fusion
+        mod = tvm.transform.Sequential(cpu_pipeline.library_dispatch_passes(t) + cpu_pipeline.legalize_passes(t))(mod)
+    plan = {"entry": entry, "weights": order, "packed": packed, "target": target, "shapes": shapes}
+    return mod, plan, module
 
 
 def compile_cpu(
@@ -56,26 +86,31 @@ def build(
     module: "Module", weights: dict[str, np.ndarray], out_dir: Path, options: Mapping[str, Any], name: str
 ) -> "Artifact":
     import tvm
-    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 
     from r1c.artifact import write
-    from r1c.backends.cpu.lower import lower
+    from r1c.backends.cpu import tune
+    from r1c.backends.cpu.schedule import apply_default_schedules
 
-    check_options(name, options, OPTIONS)
-    module, entry = optimized_entry(name, module, options, DEFAULT_PIPELINE)
-    mod, order = lower(module, entry)
-    target = host_target() if name == "cpu" else ARM_TARGET
-    executable = tvm.compile(relax.transform.LegalizeOps()(mod), target=tvm.target.Target(target))
+    mod, plan, module = build_relax(module, options, name)
+    target = tvm.target.Target(plan["target"])
+    tuning = options.get("tuning", tune.default_dir(plan["target"]))
+    mod, plan["tuned"] = tune.apply_database(mod, target, tuning) if tuning else (mod, [])
+    mod = apply_default_schedules(mod, target)
+    lowering = tvm.transform.Sequential(
+        cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
+    )
+    executable = tvm.compile(mod, target=target, relax_pipeline=lowering)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / (LIB_FILE if name == "cpu" else ARM_LIB_FILE)  # .tar: objects, no cross linker needed
     executable.export_library(str(lib))
-    plan = {"entry": entry, "weights": order, "target": target, "lib": lib.name}
+    plan["lib"] = lib.name
     plan["lib_sha256"] = hashlib.sha256(lib.read_bytes()).hexdigest()
     extra = {PLAN_FILE: json.dumps(plan, indent=1) + "\n"}
     if options.get("asm"):
         extra[ASM_FILE] = executable.mod.imports[0].inspect_source("s")
-    return write(out_dir, module, weights, name, entry=entry, extra_files=extra)
+    return write(out_dir, module, weights, name, entry=plan["entry"], extra_files=extra)
 
 
 class CpuProgram:
@@ -92,7 +127,11 @@ class CpuProgram:
             raise TargetError(f"artifact {path}: {LIB_FILE} does not match the sha256 in {PLAN_FILE}; recompile")
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
         self.fn = artifact.module.functions[self.plan["entry"]]
-        self.weights = [tvm.runtime.tensor(np.ascontiguousarray(artifact.weights[n])) for n in self.plan["weights"]]
+        packed = self.plan["packed"]
+        self.weights = [
+            tvm.runtime.tensor(pack_panels(w, packed[n]) if n in packed else np.ascontiguousarray(w))
+            for n, w in ((n, artifact.weights[n]) for n in self.plan["weights"])
+        ]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         import tvm
@@ -110,8 +149,17 @@ class CpuProgram:
 _PROGRAMS: dict[str, CpuProgram] = {}
 
 
+def _key(artifact: "Artifact") -> str:
+    return str(Path(artifact.path).resolve()) + json.dumps(artifact.manifest["files"], sort_keys=True)
+
+
+def unload(artifact: "Artifact") -> None:
+    """Drop the loaded library and converted weights of an artifact (they are kept for the next run)."""
+    _PROGRAMS.pop(_key(artifact), None)
+
+
 def run_cpu(artifact: "Artifact", inputs: list[np.ndarray]) -> list[np.ndarray]:
-    key = str(Path(artifact.path).resolve()) + json.dumps(artifact.manifest["files"], sort_keys=True)
+    key = _key(artifact)
     if key not in _PROGRAMS:
         _PROGRAMS[key] = CpuProgram(artifact)
     return _PROGRAMS[key].run(inputs)

@@ -1,0 +1,212 @@
+"""The compute kernels the cpu lowering emits for the hot ops: GEMMs as TE (which the default schedule in
+schedule.py tiles and which MetaSchedule can tune) and, for MoE, hand-written TIR that routes tokens to experts and
+runs one grouped GEMM over the routed rows only.
+
+Register tiles are MI rows x a panel of columns (MOE_MI x a wider panel for the experts, whose row groups are
+small: fewer padding rows); weights of `linear` and of the experts are stored in panels, [..., N/panel, K, panel]
+(pack_panels), so a tile streams one contiguous panel instead of one cache line per weight row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tvm import te
+from tvm import tirx as tir
+from tvm.script import tirx as T
+
+MI = 8  # rows per register tile
+PANEL = 32  # columns per weight panel
+MOE_MI, EXPERT_PANEL = 4, 64  # the experts' tiles: measured 1.2x faster than 8 x 32 on V2-Lite's routed GEMMs
+VEC = 16  # f32 lanes of one AVX-512 register (NEON gets four registers per vector op)
+
+ACC_BLOCK, OUT_BLOCK = "r1c_acc", "r1c_out"  # the block names schedule.py tiles
+KERNEL_ATTR = "r1c_kernel"
+
+
+def panel_width(n: int) -> int:
+    return PANEL if n >= PANEL else VEC
+
+
+def expert_panel_width(n: int) -> int:
+    return EXPERT_PANEL if n % EXPERT_PANEL == 0 else panel_width(n)
+
+
+def pack_panels_shape(shape: list[int], p: int) -> list[int]:
+    *lead, n, k = shape
+    return [*lead, -(-n // p), k, p]
+
+
+def pack_panels(w: np.ndarray, p: int) -> np.ndarray:
+    """[..., N, K] -> [..., ceil(N/p), K, p], zero-padded: the layout dense_packed and grouped_matmul read."""
+    *lead, n, k = w.shape
+    np_ = -(-n // p)
+    padded = np.zeros((*lead, np_ * p, k), w.dtype)
+    padded[..., :n, :] = w
+    return np.ascontiguousarray(np.swapaxes(padded.reshape(*lead, np_, p, k), -1, -2))
+
+
+def _ceil_to(x: Any, m: int) -> Any:
+    return (x + (m - 1)) // m * m
+
+
+def dense_packed(x: te.Tensor, wp: te.Tensor, n: int) -> te.Tensor:
+    """x [M, K] @ W.T, W [n, K] given as panels wp [ceil(n/p), K, p]. Rows are computed in whole tiles, the last
+    tile re-reading row M-1, so the tile loop has no predicate; only the copy-out is guarded."""
+    m, kdim = x.shape
+    np_, _, p = wp.shape
+    k = te.reduce_axis((0, kdim), name="k")
+    acc = te.compute(
+        (_ceil_to(m, MI), np_ * p),
+        lambda i, j: te.sum(x[te.min(i, m - 1), k] * wp[j // p, k, j % p], axis=k),
+        name=ACC_BLOCK,
+    )
+    return te.compute((m, n), lambda i, j: acc[i, j], name=OUT_BLOCK)
+
+
+def batched_matmul(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    """a [B, M, K] @ b [B, K, N] with M and N padded to whole tiles by clamped reads (attention's QK^T and PV)."""
+    bsz, m, kdim = a.shape
+    n = b.shape[2]
+    p = PANEL if not isinstance(n, int) or n >= PANEL else VEC
+    k = te.reduce_axis((0, kdim), name="k")
+    acc = te.compute(
+        (bsz, _ceil_to(m, MI), _ceil_to(n, p)),
+        lambda z, i, j: te.sum(a[z, te.min(i, m - 1), k] * b[z, k, te.min(j, n - 1)], axis=k),
+        name=ACC_BLOCK,
+    )
+    return te.compute((bsz, m, n), lambda z, i, j: acc[z, i, j], name=OUT_BLOCK)
+
+
+def routed_rows(tokens: Any, k: int, experts: int) -> Any:
+    """Rows of the routed layout: every expert's rows padded to whole tiles, at most E*(MOE_MI-1) more than T*k."""
+    return _ceil_to(tokens * k + experts * (MOE_MI - 1), MOE_MI)
+
+
+def moe_route(experts: int, k: int) -> tir.PrimFunc:
+    """ids [T, k] -> row_token [P] (the token of each routed row; padding rows read token 0), tile_expert [P/mi],
+    slot [T, k] (the routed row of each (token, choice)), used [1] (tiles in use). A counting sort: rows of one
+    expert are contiguous and in token order. Serial: it is O(T*k + E) integer work."""
+    e_, mi = experts, MOE_MI
+
+    @T.prim_func(private=True, s_tir=True)
+    def route(var_ids: T.handle, var_rows: T.handle, var_tiles: T.handle, var_slot: T.handle, var_used: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        ids = T.match_buffer(var_ids, (n, k), "int32")
+        row_token = T.match_buffer(var_rows, ((n * k + e_ * (mi - 1) + (mi - 1)) // mi * mi,), "int32")
+        tile_expert = T.match_buffer(var_tiles, ((n * k + e_ * (mi - 1) + (mi - 1)) // mi,), "int32")
+        slot = T.match_buffer(var_slot, (n, k), "int32")
+        used = T.match_buffer(var_used, (1,), "int32")
+        with T.sblock("root"):
+            count = T.sblock_alloc_buffer((e_,), "int32")
+            fill = T.sblock_alloc_buffer((e_,), "int32")
+            for e in range(e_):
+                count[e] = 0
+            for t, j in T.grid(n, k):
+                count[ids[t, j]] = count[ids[t, j]] + 1
+            for r in range((n * k + e_ * (mi - 1) + (mi - 1)) // mi * mi):
+                row_token[r] = 0
+            for r in range((n * k + e_ * (mi - 1) + (mi - 1)) // mi):
+                tile_expert[r] = 0
+            used[0] = 0
+            for e in range(e_):
+                fill[e] = used[0] * mi
+                for t in range((count[e] + (mi - 1)) // mi):
+                    tile_expert[used[0] + t] = e
+                used[0] = used[0] + (count[e] + (mi - 1)) // mi
+            for t, j in T.grid(n, k):
+                row_token[fill[ids[t, j]]] = T.Cast("int32", t)
+                slot[t, j] = fill[ids[t, j]]
+                fill[ids[t, j]] = fill[ids[t, j]] + 1
+
+    return route.with_attr(KERNEL_ATTR, "moe_route")
+
+
+def grouped_matmul(experts: int, kdim: int, n: int) -> tir.PrimFunc:
+    """x [P, K] (routed rows) times the experts' W.T, W [E, n, K] given as panels [E, N/p, K, p] -> [P, N/p*p]
+    (columns past n are zero): each tile of MOE_MI rows uses the expert tile_expert[tile]; only the `used` tiles are
+    computed (rows of the others stay unwritten, and nothing reads them). Threads split the column panels."""
+    p = expert_panel_width(n)
+    np_, vec, mi = -(-n // p), min(VEC, p), MOE_MI
+
+    @T.prim_func(private=True, s_tir=True)
+    def grouped(var_x: T.handle, var_w: T.handle, var_tiles: T.handle, var_used: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        rows = T.int64()
+        x = T.match_buffer(var_x, (rows, kdim), "float32")
+        w = T.match_buffer(var_w, (experts, np_, kdim, p), "float32")
+        tile_expert = T.match_buffer(var_tiles, (rows // mi,), "int32")
+        used = T.match_buffer(var_used, (1,), "int32")
+        y = T.match_buffer(var_y, (rows, np_ * p), "float32")
+        with T.sblock("root"):
+            for jo in T.parallel(np_):
+                for io in range(T.Cast("int64", used[0])):
+                    with T.sblock("tile"):  # opaque: its registers are private to the iteration
+                        acc = T.sblock_alloc_buffer((mi, p), "float32", scope="local")
+                        for ii in T.unroll(mi):
+                            for jv in T.unroll(p // vec):
+                                for jl in T.vectorized(vec):
+                                    acc[ii, jv * vec + jl] = T.float32(0)
+                        for kk in range(kdim):
+                            for ii in T.unroll(mi):
+                                for jv in T.unroll(p // vec):
+                                    for jl in T.vectorized(vec):
+                                        acc[ii, jv * vec + jl] = (
+                                            acc[ii, jv * vec + jl]
+                                            + x[io * mi + ii, kk] * w[tile_expert[io], jo, kk, jv * vec + jl]
+                                        )
+                        for ii in T.unroll(mi):
+                            for jv in T.unroll(p // vec):
+                                for jl in T.vectorized(vec):
+                                    y[io * mi + ii, jo * p + jv * vec + jl] = acc[ii, jv * vec + jl]
+
+    return grouped.with_attr(KERNEL_ATTR, "grouped_matmul")
+
+
+def attention_probs(s: te.Tensor, scale: float, causal: bool, dtype: str) -> te.Tensor:
+    """softmax(scale * s) over the last axis of scores s [Z, Sq, Skv], causal (queries are the newest Sq of Skv
+    keys) or not, in one kernel: scale, mask, max, exp (TVM's vectorizable fast_exp), sum, normalize."""
+    from tvm import topi
+
+    z, sq, skv = s.shape
+    neg_inf = tir.const(-np.inf, dtype)
+
+    def val(b: Any, i: Any, j: Any) -> Any:
+        x = (s[b, i, j] * tir.const(scale, s.dtype)).astype(dtype)
+        return tir.Select(j <= i + (skv - sq), x, neg_inf) if causal else x
+
+    k = te.reduce_axis((0, skv), name="k")
+    top = te.compute((z, sq), lambda b, i: te.max(val(b, i, k), axis=k), name="row_max")
+    ex = topi.fast_exp(te.compute((z, sq, skv), lambda b, i, j: val(b, i, j) - top[b, i], name="centered"))
+    k2 = te.reduce_axis((0, skv), name="k2")
+    total = te.compute((z, sq), lambda b, i: te.sum(ex[b, i, k2], axis=k2), name="row_sum")
+    return te.compute((z, sq, skv), lambda b, i, j: ex[b, i, j] / total[b, i], name="probs")
+
+
+def rope_table(pos: te.Tensor, inv_freq: te.Tensor, scale: float) -> tuple[te.Tensor, te.Tensor]:
+    """cos and sin [B, S, D/2] of pos * inv_freq (float32 angles, as the reference), times the YaRN scale: one
+    small kernel, so the rotation that reads them does not recompute them for every head."""
+    b, s = pos.shape
+    c = tir.const(float(np.float32(scale)), "float32")
+    angle = lambda i, j, d: pos[i, j].astype("float32") * inv_freq[d]  # noqa: E731
+    cos = te.compute((b, s, inv_freq.shape[0]), lambda i, j, d: te.cos(angle(i, j, d)) * c, name="rope_cos")
+    sin = te.compute((b, s, inv_freq.shape[0]), lambda i, j, d: te.sin(angle(i, j, d)) * c, name="rope_sin")
+    return cos, sin
+
+
+def rope_rotate(x: te.Tensor, cos: te.Tensor, sin: te.Tensor, interleaved: bool) -> te.Tensor:
+    """x [B, S, H, D] rotated by the tables [B, S, D/2], in the reference's output order: the rotated first
+    halves of the pairs, then the second halves (pairs are (2j, 2j+1) when interleaved, (j, j+D/2) if not).
+    One expression per element, so TVM fuses it with the concat and transpose around it."""
+    half = x.shape[3] // 2
+
+    def out(b: Any, s: Any, h: Any, d: Any) -> Any:
+        j = tir.Select(d < half, d, d - half)
+        a, c = (x[b, s, h, 2 * j], x[b, s, h, 2 * j + 1]) if interleaved else (x[b, s, h, j], x[b, s, h, j + half])
+        lo = a * cos[b, s, j] - c * sin[b, s, j]
+        hi = c * cos[b, s, j] + a * sin[b, s, j]
+        return tir.Select(d < half, lo, hi)
+
+    return te.compute(x.shape, out, name="rope")

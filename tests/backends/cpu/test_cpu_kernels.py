@@ -1,0 +1,165 @@
+"""The cpu target's kernels and schedules: routed MoE (counting sort + grouped GEMM) on skewed and empty routings,
+GEMMs at shapes that are not whole tiles, weights packed at load and in the graph, the default schedules on every
+function, static-shape builds, and MetaSchedule tuning into a database that compile applies."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+import r1c  # noqa: E402
+from r1c.backends.cpu import kernels  # noqa: E402
+from r1c.ir.interpreter import init_weights, run  # noqa: E402
+from r1c.ir.parser import parse_module  # noqa: E402
+
+RNG = np.random.default_rng(1)
+F = lambda *s: RNG.standard_normal(s).astype(np.float32)  # noqa: E731
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+MOE = """module @m {{
+  func @forward(%x: f32[T,{d}], %ids: int32[T,{k}], %wt: f32[T,{k}], %g: f32[{e},{f},{d}], %u: f32[{e},{f},{d}],
+                %dn: f32[{e},{d},{f}]) -> (f32[T,{d}]) {{
+    %0 = moe_experts(%x, %ids, %wt, %g, %u, %dn) : f32[T,{d}]
+    return %0
+  }}
+}}"""
+
+
+@pytest.mark.parametrize(
+    "tokens,k,routing",
+    [(1, 2, "spread"), (37, 2, "spread"), (40, 3, "one_expert"), (23, 2, "two_experts"), (64, 4, "spread")],
+)
+def test_routed_moe_matches_the_reference(tokens, k, routing, tmp_path):
+    """Skewed routings: every token on one expert (many tiles of one expert, the others empty), two experts, a
+    single token; widths (f=48, d=40) that are not whole panels, so packing pads."""
+    e, f, d = 6, 48, 40
+    m = parse_module(MOE.format(d=d, k=k, e=e, f=f))
+    if routing == "spread":
+        ids = np.stack([RNG.permutation(e)[:k] for _ in range(tokens)])
+    elif routing == "one_expert":
+        ids = np.stack([[4] + list(RNG.permutation([0, 1, 2, 3, 5])[: k - 1]) for _ in range(tokens)])
+    else:
+        ids = np.tile(np.array([[1, 3]]), (tokens, 1))
+    inputs = [F(tokens, d), ids.astype(np.int32), F(tokens, k), F(e, f, d), F(e, f, d), F(e, d, f)]
+    art = r1c.compile(m, target="cpu", weights={}, out_dir=tmp_path / "a", options={"passes": ""})
+    assert rel(art.run(inputs)[0], run(m, inputs, {})[0]) < 2e-6
+
+
+def test_pack_panels_layout():
+    w = F(3, 40, 7)  # [E, N, K]: N=40 pads to two panels of 32
+    p = kernels.pack_panels(w, 32)
+    assert p.shape == (3, 2, 7, 32) == tuple(kernels.pack_panels_shape([3, 40, 7], 32))
+    np.testing.assert_array_equal(p[1, 1, 5, 3], w[1, 35, 5])
+    assert not p[:, 1, :, 8:].any()  # columns 40..63 are zero padding
+
+
+GEMMS = """module @m {
+  func @forward(%x: f32[B,S,24], %w: f32[40,24], %a: f32[B,13,24], %b: f32[B,24,7]) -> (f32[B,S,40], f32[B,13,7]) {
+    %0 = linear(%x, %w) : f32[B,S,40]
+    %1 = matmul(%a, %b) : f32[B,13,7]
+    return %0, %1
+  }
+}"""
+
+
+def test_gemms_at_partial_tiles_and_graph_packed_weights(tmp_path):
+    """linear with a weight that is an argument (packed in the graph) and 40 columns (a partial panel); batched
+    matmul with 13 x 7 results (partial tiles both ways); two shapes from one build."""
+    m = parse_module(GEMMS)
+    art = r1c.compile(m, target="cpu", weights={}, out_dir=tmp_path / "a", options={"passes": ""})
+    for b, s in ((2, 9), (1, 1)):
+        inputs = [F(b, s, 24), F(40, 24), F(b, 13, 24), F(b, 24, 7)]
+        for got, want in zip(art.run(inputs), run(m, inputs, {})):
+            assert rel(got, want) < 2e-6
+
+
+def test_default_schedules_cover_every_function():
+    import tvm
+
+    from r1c.backends.cpu.schedule import apply_default_schedules
+    from r1c.backends.cpu.target import build_relax
+
+    m = r1c.load(r1c_example("r1-tiny.r1"))
+    mod, plan, _ = build_relax(m, {}, "cpu")
+    mod = apply_default_schedules(mod, tvm.target.Target(plan["target"]))
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    hand = {n for n, f in funcs.items() if f.attrs.get(kernels.KERNEL_ATTR) in ("moe_route", "grouped_matmul")}
+    assert hand and all(funcs[n].attrs.get("tir.is_scheduled") for n in set(funcs) - hand)
+    gemm = [f for f in funcs.values() if f.attrs.get(kernels.KERNEL_ATTR) == "gemm"]
+    assert gemm and all("T.parallel" in f.script() and "T.vectorized" in f.script() for f in gemm)
+    packed = plan["packed"]  # GEMM-only weights are packed at load; norms and embeddings are not
+    assert {"lm_head.weight", "model.layers.1.mlp.experts.gate_proj", "model.layers.0.self_attn.o_proj.weight"} <= set(
+        packed
+    )
+    assert not any("layernorm" in n or "embed" in n for n in packed)
+    assert packed["model.layers.1.mlp.experts.gate_proj"] == kernels.expert_panel_width(32)
+
+
+def r1c_example(name: str):
+    from pathlib import Path
+
+    return Path(__file__).parents[3] / "examples" / name
+
+
+def test_static_shapes_build_and_wrong_shape_error(tmp_path):
+    m = r1c.load(r1c_example("r1-tiny.r1"))
+    w = init_weights(m, 0)
+    art = r1c.compile(m, target="cpu", weights=w, out_dir=tmp_path / "a", options={"shapes": {"B": 1, "S": 8}})
+    toks = RNG.integers(0, 512, (1, 8)).astype(np.int32)
+    assert rel(art.run([toks])[0], run(m, [toks], w)[0]) < 1e-5
+    with pytest.raises(Exception, match="shape|8|7"):
+        art.run([toks[:, :7]])
+
+
+SMALL = """module @m {
+  func @forward(%x: f32[B,64], %w: f32[64,64]) -> (f32[B,64]) {
+    %0 = linear(%x, %w) : f32[B,64]
+    %1 = silu(%0) : f32[B,64]
+    return %1
+  }
+}"""
+
+
+@pytest.mark.slow  # MetaSchedule's builder and runner processes: about two minutes for four trials here
+def test_tune_writes_a_database_that_compile_applies(tmp_path):
+    """A short MetaSchedule run on a two-kernel model: records and the default-vs-tuned report land in the
+    database directory, compile applies the records it keeps (and not the rejected ones), and results still
+    match the reference."""
+    import tvm
+
+    from r1c.backends.cpu import tune
+    from r1c.backends.cpu.target import build_relax
+
+    m = parse_module(SMALL)
+    options = {"passes": "", "shapes": {"B": 16}}
+    mod, plan, _ = build_relax(m, options, "cpu")
+    db = str(tmp_path / "db")
+    report = tune.tune(mod, tvm.target.Target(plan["target"]), db, trials=4)
+    assert report["kernels"] and all(k["default_ms"] > 0 and k["tuned_ms"] > 0 for k in report["kernels"].values())
+    saved = json.loads((tmp_path / "db" / tune.REPORT_FILE).read_text())
+    assert saved["kernels"].keys() == report["kernels"].keys()
+    art = r1c.compile(m, target="cpu", weights={}, out_dir=tmp_path / "a", options={**options, "tuning": db})
+    plan = json.loads((art.path / "cpu_plan.json").read_text())
+    kept = [n for n, k in report["kernels"].items() if k["hash"] not in report["rejected"]]
+    assert len(plan["tuned"]) == len(kept)
+    inputs = [F(16, 64), F(64, 64)]
+    assert rel(art.run(inputs)[0], run(m, inputs, {})[0]) < 2e-6
+
+
+def test_tune_needs_static_shapes(tmp_path):
+    import tvm
+
+    from r1c.backends.cpu import tune
+    from r1c.backends.cpu.target import build_relax
+
+    mod, plan, _ = build_relax(parse_module(SMALL), {"passes": ""}, "cpu")
+    with pytest.raises(ValueError, match="static shapes.*shapes"):
+        tune.tune(mod, tvm.target.Target(plan["target"]), str(tmp_path / "db"), trials=2)
