@@ -55,7 +55,8 @@ def _panel(s: s_tir.Schedule, acc: Any) -> int:
 
 
 def parallelize(func: tir.PrimFunc) -> tir.PrimFunc:
-    """Each loop nest: its leading data-parallel loops fused into one loop that runs on the threads. (Inlining
+    """Each loop nest: its innermost loop vectorized where it can be, its other leading data-parallel loops fused
+    into one loop that runs on the threads. (Inlining
     the producers first, as dlight's GPU fallback does, measured 1.2x slower on r1-tiny: the inlined index chains
     are recomputed for every element.)"""
     s = s_tir.Schedule(func)
@@ -68,11 +69,27 @@ def parallelize(func: tir.PrimFunc) -> tir.PrimFunc:
             if iv.iter_type != tir.IterVar.DataPar:
                 break
             spatial += 1
+        _vectorize_inner(s, block, spatial, len(loops))
+        loops = s.get_loops(block)
         try:
-            s.parallel(s.fuse(*loops[: max(1, min(spatial, len(loops)))]))
+            s.parallel(s.fuse(*loops[: max(1, min(spatial, len(loops) - 1))]) if len(loops) > 1 else loops[0])
         except s_tir.ScheduleError:  # not a plain data-parallel nest: it stays serial
             continue
     return s.mod["main"].with_attr(SCHEDULED, True)
+
+
+def _vectorize_inner(s: s_tir.Schedule, block: Any, spatial: int, depth: int) -> None:
+    """The innermost loop of an all-data-parallel nest in vector lanes, when its static extent is a multiple of 8
+    (LLVM does not vectorize TVM's int64 index arithmetic by itself; measured 1.25x on r1-tiny)."""
+    inner = s.get_loops(block)[-1]
+    extent = s.get(inner).extent
+    if spatial != depth or not isinstance(extent, tir.IntImm) or int(extent) % 8:
+        return
+    try:
+        _, lanes = s.split(inner, [None, 16 if int(extent) % 16 == 0 else 8])
+        s.vectorize(lanes)
+    except s_tir.ScheduleError:  # a nest the vectorizer rejects keeps its scalar loop
+        pass
 
 
 def _has_root(s: s_tir.Schedule) -> bool:
