@@ -105,9 +105,12 @@ def bench(name: str, module, hf, args: argparse.Namespace, out: Path, results: d
         t0 = time.time()
         compiled(x)
         r["torch_compile_warmup_s"] = time.time() - t0
-        three = {"r1c_tuned": lambda: tuned.run([toks]), "torch_eager": lambda: model(x)}
-        three["torch_compile"] = lambda: compiled(x)
-        r["side_by_side"] = interleaved_ms(three, args.rounds, args.budget)
+        contenders = {
+            "r1c_tuned": lambda: tuned.run([toks]),
+            "torch_eager": lambda: model(x),
+            "torch_compile": lambda: compiled(x),
+        }
+        r["side_by_side"] = interleaved_ms(contenders, args.rounds, args.budget)
     s = r["side_by_side"]
     r["r1c_vs_best_torch"] = min(s["torch_eager"], s["torch_compile"]) / s["r1c_tuned"]
     print(json.dumps({name: r}, indent=1), flush=True)

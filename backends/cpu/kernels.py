@@ -33,6 +33,11 @@ def expert_panel_width(n: int) -> int:
     return EXPERT_PANEL if n % EXPERT_PANEL == 0 else panel_width(n)
 
 
+def panel_for(op_name: str, n: int) -> int:
+    """The panel width the GEMM kernel of `op_name` reads an n-row weight in (packing at load must agree)."""
+    return expert_panel_width(n) if op_name == "moe_experts" else panel_width(n)
+
+
 def pack_panels_shape(shape: list[int], p: int) -> list[int]:
     *lead, n, k = shape
     return [*lead, -(-n // p), k, p]
@@ -128,7 +133,7 @@ def grouped_matmul(experts: int, kdim: int, n: int) -> tir.PrimFunc:
     """x [P, K] (routed rows) times the experts' W.T, W [E, n, K] given as panels [E, N/p, K, p] -> [P, N/p*p]
     (columns past n are zero): each tile of MOE_MI rows uses the expert tile_expert[tile]; only the `used` tiles are
     computed (rows of the others stay unwritten, and nothing reads them). Threads split the column panels."""
-    p = expert_panel_width(n)
+    p = panel_for("moe_experts", n)
     np_, vec, mi = -(-n // p), min(VEC, p), MOE_MI
 
     @T.prim_func(private=True, s_tir=True)

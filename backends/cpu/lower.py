@@ -69,17 +69,13 @@ class Context:
 PACKED_USES = {"linear": (1,), "moe_experts": (3, 4, 5)}  # operands the GEMM kernels read as panels
 
 
-def panel_for(op_name: str, n: int) -> int:
-    return kernels.expert_panel_width(n) if op_name == "moe_experts" else kernels.panel_width(n)
-
-
 def packable(f: Function) -> dict[Value, int]:
     """Params whose every use reads them as panels of one width: packed once at load, not at every call."""
     widths: dict[Value, set[int] | None] = {}
     for op in f.body:
         for i, v in enumerate(op.operands):
             if i in PACKED_USES.get(op.name, ()) and widths.get(v, set()) is not None:
-                widths.setdefault(v, set()).add(panel_for(op.name, int(v.type.shape[-2])))
+                widths.setdefault(v, set()).add(kernels.panel_for(op.name, int(v.type.shape[-2])))
             else:
                 widths[v] = None
     for v in f.results:

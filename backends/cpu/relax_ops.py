@@ -111,7 +111,7 @@ def _linear(bb, ins, op, ctx):
     *lead, kdim = op.operands[0].type.shape
     n = op.operands[1].type.shape[0]
     rows = ctx(dims.mul(*lead)) if lead else 1
-    panels = ctx.panels(w, kernels.panel_width(int(n)))
+    panels = ctx.panels(w, kernels.panel_for("linear", int(n)))
     y = emit_kernel(bb, kernels.dense_packed, R.reshape(x, [rows, ctx(kdim)]), panels, int(n), name="dense")
     return R.reshape(y, [ctx(d) for d in op.result.type.shape])
 
@@ -293,7 +293,7 @@ def _moe_experts(bb, ins, op, ctx):
 
     def grouped(inp, w, kdim, n):
         gv = bb.add_func(kernels.grouped_matmul(e, kdim, n), "grouped_matmul")
-        p = kernels.expert_panel_width(n)
+        p = kernels.panel_for("moe_experts", n)
         width = kernels.pack_panels_shape([n, kdim], p)[0] * p
         y = bb.emit(
             relax.call_tir(gv, [inp, ctx.panels(w, p), tiles, used], relax.TensorType([rows, width], "float32"))

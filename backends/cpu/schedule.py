@@ -56,9 +56,8 @@ def _panel(s: s_tir.Schedule, acc: Any) -> int:
 
 def parallelize(func: tir.PrimFunc) -> tir.PrimFunc:
     """Each loop nest: its innermost loop vectorized where it can be, its other leading data-parallel loops fused
-    into one loop that runs on the threads. (Inlining
-    the producers first, as dlight's GPU fallback does, measured 1.2x slower on r1-tiny: the inlined index chains
-    are recomputed for every element.)"""
+    into one loop that runs on the threads. (Inlining the producers first, as dlight's GPU fallback does, measured
+    1.2x slower on r1-tiny: the inlined index chains are recomputed for every element.)"""
     s = s_tir.Schedule(func)
     for block in s.get_child_blocks(s.get_sblock("root")) if _has_root(s) else []:  # one per loop nest
         loops = s.get_loops(block)

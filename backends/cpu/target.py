@@ -128,9 +128,10 @@ class CpuProgram:
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
         self.fn = artifact.module.functions[self.plan["entry"]]
         packed = self.plan["packed"]
+        w = artifact.weights
         self.weights = [
-            tvm.runtime.tensor(pack_panels(w, packed[n]) if n in packed else np.ascontiguousarray(w))
-            for n, w in ((n, artifact.weights[n]) for n in self.plan["weights"])
+            tvm.runtime.tensor(pack_panels(w[n], packed[n]) if n in packed else np.ascontiguousarray(w[n]))
+            for n in self.plan["weights"]
         ]
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
