@@ -17,6 +17,7 @@ from tvm import tirx as tir
 from tvm.script import tirx as T
 
 MI = 8  # rows per register tile
+TASKS = 16  # parallel tasks of a row-wise kernel: a few per thread, so uneven rows still balance
 PANEL = 32  # columns per weight panel
 MOE_MI, EXPERT_PANEL = 4, 64  # the experts' tiles: measured 1.2x faster than 8 x 32 on V2-Lite's routed GEMMs
 VEC = 16  # f32 lanes of one AVX-512 register (NEON gets four registers per vector op)
@@ -56,6 +57,17 @@ def _ceil_to(x: Any, m: int) -> Any:
     return (x + (m - 1)) // m * m
 
 
+def _static(n: Any) -> int | None:
+    return int(n) if isinstance(n, (int, tir.IntImm)) else None
+
+
+def _clamped(i: Any, n: Any, tile: int) -> Any:
+    """Index i of a tile loop padded to whole tiles of an n-long axis: clamped to n - 1 unless n is a static multiple
+    of the tile (a clamp in the vectorized axis turns every load into a gather)."""
+    s = _static(n)
+    return i if s is not None and s % tile == 0 else te.min(i, n - 1)
+
+
 def dense_packed(x: te.Tensor, wp: te.Tensor, n: int) -> te.Tensor:
     """x [M, K] @ W.T, W [n, K] given as panels wp [ceil(n/p), K, p]. Rows are computed in whole tiles, the last
     tile re-reading row M-1, so the tile loop has no predicate; only the copy-out is guarded."""
@@ -64,7 +76,7 @@ def dense_packed(x: te.Tensor, wp: te.Tensor, n: int) -> te.Tensor:
     k = te.reduce_axis((0, kdim), name="k")
     acc = te.compute(
         (_ceil_to(m, MI), np_ * p),
-        lambda i, j: te.sum(x[te.min(i, m - 1), k] * wp[j // p, k, j % p], axis=k),
+        lambda i, j: te.sum(x[_clamped(i, m, MI), k] * wp[j // p, k, j % p], axis=k),
         name=ACC_BLOCK,
     )
     return te.compute((m, n), lambda i, j: acc[i, j], name=OUT_BLOCK)
@@ -74,11 +86,11 @@ def batched_matmul(a: te.Tensor, b: te.Tensor) -> te.Tensor:
     """a [B, M, K] @ b [B, K, N] with M and N padded to whole tiles by clamped reads (attention's QK^T and PV)."""
     bsz, m, kdim = a.shape
     n = b.shape[2]
-    p = PANEL if not isinstance(n, int) or n >= PANEL else VEC
+    p = VEC if _static(n) is not None and _static(n) < PANEL else PANEL
     k = te.reduce_axis((0, kdim), name="k")
     acc = te.compute(
         (bsz, _ceil_to(m, MI), _ceil_to(n, p)),
-        lambda z, i, j: te.sum(a[z, te.min(i, m - 1), k] * b[z, k, te.min(j, n - 1)], axis=k),
+        lambda z, i, j: te.sum(a[z, _clamped(i, m, MI), k] * b[z, k, _clamped(j, n, p)], axis=k),
         name=ACC_BLOCK,
     )
     return te.compute((bsz, m, n), lambda z, i, j: acc[z, i, j], name=OUT_BLOCK)
@@ -215,3 +227,163 @@ def rope_rotate(x: te.Tensor, cos: te.Tensor, sin: te.Tensor, interleaved: bool)
         return tir.Select(d < half, lo, hi)
 
     return te.compute(x.shape, out, name="rope")
+
+
+def fast_exp(x: te.Tensor) -> te.Tensor:
+    """exp through TVM's fast_exp: range reduction and a degree-7 polynomial, ~1e-7 relative error, vectorizable
+    (arguments are clamped to +-88.38, so exp never overflows to inf)."""
+    from tvm import topi
+
+    return topi.fast_exp(x)
+
+
+def sigmoid(x: te.Tensor) -> te.Tensor:
+    neg = te.compute(x.shape, lambda *i: -x(*i), name="neg")
+    e = fast_exp(neg)
+    return te.compute(x.shape, lambda *i: tir.const(1.0, x.dtype) / (tir.const(1.0, x.dtype) + e(*i)), name="sigmoid")
+
+
+def silu(x: te.Tensor) -> te.Tensor:
+    s = sigmoid(x)
+    return te.compute(x.shape, lambda *i: x(*i) * s(*i), name="silu")
+
+
+LOG2E, LN2 = 1.4426950216293335, 0.69314718246459961
+EXP_POLY = (
+    0.00019875691214110702,
+    0.0013981999363750219,
+    0.008333452045917511,
+    0.041665796190500259,
+    0.1666666567325592,
+)
+
+
+def fast_exp_expr(x: Any) -> Any:
+    """TVM's fast_exp (topi) as a scalar expression, for hand-written TIR: 2^n times a degree-7 polynomial of the
+    remainder; the max with x keeps exp(x) >= x and flushes arguments below -88.38 to 0."""
+    xc = tir.max(tir.min(x, tir.const(88.376266479492188, "float32")), tir.const(-88.376258850097656, "float32"))
+    n = tir.floor(xc * tir.const(LOG2E, "float32") + tir.const(0.5, "float32"))
+    r = xc - n * tir.const(LN2, "float32")
+    p = tir.const(EXP_POLY[0], "float32")
+    for c in EXP_POLY[1:]:
+        p = p * r + tir.const(c, "float32")
+    p = (p * r + tir.const(0.5, "float32")) * r * r + r + tir.const(1.0, "float32")
+    two_n = tir.reinterpret("float32", tir.shift_left((n + tir.const(127.0, "float32")).astype("int32"), 23))
+    return tir.max(two_n * p, x)
+
+
+def attention_softmax(scale: float, causal: bool) -> tir.PrimFunc:
+    """softmax(scale * s) over the last axis of f32 scores s [Z, Sq, Skv], causal (query i, the newest Sq of Skv
+    keys, sees keys j <= i + Skv - Sq; a row that sees none is zeros, as in the reference) or not. One parallel loop
+    over rows. A row's max and sum run in VEC lanes
+    over whole vectors (masked lanes by select), so only a row end past the last whole vector of Skv is scalar; a
+    causal row computes its visible keys only and zero-fills the rest."""
+    v = VEC
+    neg_inf, zero = tir.const(-np.inf, "float32"), tir.const(0.0, "float32")
+
+    @T.prim_func(private=True, s_tir=True)
+    def softmax(var_s: T.handle, var_p: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        z, sq, skv = T.int64(), T.int64(), T.int64()
+        s = T.match_buffer(var_s, (z, sq, skv), "float32")
+        p = T.match_buffer(var_p, (z, sq, skv), "float32")
+        with T.sblock("root"):
+            for task in T.parallel(TASKS):
+                with T.sblock("task"):  # its registers are private to the task; allocated once per task, not per row
+                    T.reads(s[0:z, 0:sq, 0:skv])
+                    T.writes(p[0:z, 0:sq, 0:skv])
+                    lanes = T.sblock_alloc_buffer((v,), "float32", scope="local")
+                    top = T.sblock_alloc_buffer((2,), "float32", scope="local")  # the row's max, then 1 / sum
+                    for r in range(task * (z * sq) // TASKS, (task + 1) * (z * sq) // TASKS):
+                        b: T.int64 = r // sq
+                        i: T.int64 = r % sq
+                        n: T.int64 = T.max(T.min(i + (skv - sq) + 1, skv), 0) if causal else skv  # visible: j < n
+                        nv: T.int64 = T.min((n + (v - 1)) // v, skv // v)  # whole vectors covering them, in bounds
+                        for lane in T.vectorized(v):
+                            lanes[lane] = neg_inf
+                        for c in range(nv):
+                            for lane in T.vectorized(v):
+                                lanes[lane] = T.max(
+                                    lanes[lane],
+                                    T.Select(c * v + lane < n, s[b, i, c * v + lane] * T.float32(scale), neg_inf),
+                                )
+                        for j in range(n - T.min(nv * v, n)):
+                            lanes[0] = T.max(lanes[0], s[b, i, nv * v + j] * T.float32(scale))
+                        for half in T.unroll(4):  # a tree over the lanes: 4 dependent steps, not 15
+                            for lane in T.vectorized(v // 2):
+                                lanes[lane] = T.max(lanes[lane], lanes[lane + T.shift_right(v // 2, half)])
+                        top[0] = lanes[0]
+                        for lane in T.vectorized(v):
+                            lanes[lane] = zero
+                        for c in range(nv):
+                            for lane in T.vectorized(v):
+                                p[b, i, c * v + lane] = T.Select(
+                                    c * v + lane < n,
+                                    fast_exp_expr(s[b, i, c * v + lane] * T.float32(scale) - top[0]),
+                                    zero,
+                                )
+                                lanes[lane] = lanes[lane] + p[b, i, c * v + lane]
+                        for j in range(n - T.min(nv * v, n)):
+                            p[b, i, nv * v + j] = fast_exp_expr(s[b, i, nv * v + j] * T.float32(scale) - top[0])
+                            lanes[0] = lanes[0] + p[b, i, nv * v + j]
+                        for half in T.unroll(4):
+                            for lane in T.vectorized(v // 2):
+                                lanes[lane] = lanes[lane] + lanes[lane + T.shift_right(v // 2, half)]
+                        top[1] = T.float32(1) / lanes[0]
+                        for c in range(nv):
+                            for lane in T.vectorized(v):
+                                p[b, i, c * v + lane] = p[b, i, c * v + lane] * top[1]
+                        for j in range(n - T.min(nv * v, n)):
+                            p[b, i, nv * v + j] = p[b, i, nv * v + j] * top[1]
+                        for c in range(skv // v - nv):  # masked whole vectors, then the masked row end
+                            for lane in T.vectorized(v):
+                                p[b, i, (nv + c) * v + lane] = zero
+                        for j in range(skv - T.max(skv // v * v, n)):
+                            p[b, i, T.max(skv // v * v, n) + j] = zero
+
+    return softmax.with_attr(KERNEL_ATTR, "attention_softmax")
+
+
+SMALL_TOPK = 8  # k up to which top-k is k selection passes over the row, not TVM's sort
+
+
+def small_topk(n: int, k: int, largest: bool, dtype: str) -> tir.PrimFunc:
+    """Top-k of each row of x [rows, n] by k selection passes (O(n k), no sort: MoE routing picks k <= 8 of a few
+    hundred experts or groups): values [rows, k] and int32 indices in the reference's order, ties to the lower
+    index and NaN first when largest (last when smallest), like numpy's stable argsort and torch."""
+    is_float = dtype.startswith("float") or dtype.startswith("bfloat")
+
+    def nan(x: Any) -> Any:
+        return tir.isnan(x) if is_float else tir.const(False, "bool")
+
+    def before(a: Any, ai: Any, b: Any, bi: Any) -> Any:
+        """Element (a, ai) comes before (b, bi) in the output order."""
+        an, bn = nan(a), nan(b)
+        better = a > b if largest else a < b
+        tie_or_nan = tir.Or(tir.And(an, bn), tir.And(tir.Not(tir.Or(an, bn)), a == b))
+        nan_first = an if largest else bn
+        one_nan = an.astype("int32") != bn.astype("int32")
+        return tir.Select(one_nan, nan_first, tir.Select(tie_or_nan, ai < bi, better))
+
+    @T.prim_func(private=True, s_tir=True)
+    def topk(var_x: T.handle, var_v: T.handle, var_i: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        rows = T.int64()
+        x = T.match_buffer(var_x, (rows, n), dtype)
+        val = T.match_buffer(var_v, (rows, k), dtype)
+        idx = T.match_buffer(var_i, (rows, k), "int32")
+        with T.sblock("root"):
+            for r in range(rows):
+                with T.sblock("row"):
+                    best = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    for t in range(k):
+                        best[0] = -1
+                        for j in range(n):
+                            # candidates come after the previous pick in the output order; keep the first of them
+                            if t == 0 or before(x[r, idx[r, t - 1]], idx[r, t - 1], x[r, j], T.int32(j)):
+                                if best[0] < 0 or before(x[r, j], T.int32(j), x[r, best[0]], best[0]):
+                                    best[0] = T.int32(j)
+                        idx[r, t] = best[0]
+                        val[r, t] = x[r, best[0]]
+
+    return topk.with_attr(KERNEL_ATTR, "small_topk")

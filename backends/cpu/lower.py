@@ -15,7 +15,12 @@ from tvm import tirx as tir
 from tvm.relax import op as R
 
 from r1c.backends import TargetError
-from r1c.backends.cpu import kernels
+from r1c.backends.cpu import (
+    kernels,
+    relax_attention,  # noqa: F401  (registers the sparse-attention lowerings)
+    relax_cache,  # noqa: F401  (registers the KV-cache and quantized-KV lowerings)
+    relax_moe,  # noqa: F401  (registers the expert-fusion lowerings)
+)
 from r1c.backends.cpu.relax_ops import LOWERINGS, tvm_dtype
 from r1c.ir import dims
 from r1c.ir.core import Function, Module, Value
@@ -92,10 +97,13 @@ def lower(module: Module, entry: str, bound: dict[str, int] | None = None) -> tu
     params = [op for op in f.body if op.name == "param"]
     weights = [op.attrs["name"] for op in params]
     to_pack = packable(f)
-    args = [relax.Var(a.name, dim.tensor(a.type)) for a in f.args]
+    try:
+        args = [relax.Var(a.name, dim.tensor(a.type)) for a in f.args]
+        ptypes = [dim.tensor(module.params[op.attrs["name"]].type) for op in params]
+    except NotImplementedError as e:
+        raise LoweringError(f"{e} (an argument or parameter of @{f.name})") from None
     wvars = []
-    for i, op in enumerate(params):
-        t = dim.tensor(module.params[op.attrs["name"]].type)
+    for i, (op, t) in enumerate(zip(params, ptypes)):
         if op.result in to_pack:
             t = relax.TensorType(kernels.pack_panels_shape([int(d) for d in t.shape], to_pack[op.result]), "float32")
         wvars.append(relax.Var(f"w{i}", t))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+import tvm
 from tvm import relax
 from tvm.relax import op as R
 
@@ -60,7 +61,7 @@ def _one(fn: Callable[..., Any]) -> Lowering:
 
 BINARY = {"add": R.add, "sub": R.subtract, "mul": R.multiply, "gt": R.greater, "lt": R.less, "ge": R.greater_equal,
           "le": R.less_equal, "eq": R.equal, "ne": R.not_equal, "maximum": R.maximum, "minimum": R.minimum}  # fmt: skip
-UNARY = {"exp": R.exp, "neg": R.negative, "sigmoid": R.sigmoid, "silu": R.nn.silu, "sqrt": R.sqrt, "log": R.log,
+UNARY = {"neg": R.negative, "sqrt": R.sqrt, "log": R.log,
          "rsqrt": R.rsqrt, "abs": R.abs, "cos": R.cos, "sin": R.sin}  # fmt: skip
 
 
@@ -68,6 +69,34 @@ for _name, _fn in BINARY.items():
     LOWERINGS[_name] = _one(lambda bb, ins, op, dim, f=_fn: f(ins[0], ins[1]))
 for _name, _fn in UNARY.items():
     LOWERINGS[_name] = _one(lambda bb, ins, op, dim, f=_fn: f(ins[0]))
+
+
+def _f32(op: Op) -> bool:
+    return op.result.type.dtype == DType.f32
+
+
+# exp, sigmoid and silu in float32 through TVM's fast_exp (a polynomial that vectorizes; LLVM calls libm's expf
+# once per lane for TIR's exp). Other dtypes keep TVM's ops.
+@lowering("exp")
+@_one
+def _exp(bb, ins, op, dim):
+    return bb.call_te(kernels.fast_exp, ins[0], primfunc_name_hint="exp") if _f32(op) else R.exp(ins[0])
+
+
+@lowering("sigmoid")
+@_one
+def _sigmoid(bb, ins, op, dim):
+    return bb.call_te(kernels.sigmoid, ins[0], primfunc_name_hint="sigmoid") if _f32(op) else R.sigmoid(ins[0])
+
+
+def silu(bb, x: Any, op: Op) -> Any:
+    return bb.call_te(kernels.silu, x, primfunc_name_hint="silu") if _f32(op) else R.nn.silu(x)
+
+
+@lowering("silu")
+@_one
+def _silu(bb, ins, op, dim):
+    return silu(bb, ins[0], op)
 
 
 @lowering("div")
@@ -87,7 +116,7 @@ def _where(bb, ins, op, dim):
 @lowering("swiglu")
 @_one
 def _swiglu(bb, ins, op, dim):
-    return R.multiply(R.nn.silu(ins[0]), ins[1])
+    return R.multiply(silu(bb, ins[0], op), ins[1])
 
 
 @lowering("constant")
@@ -101,6 +130,8 @@ def _constant(bb, ins, op, dim):
 @lowering("cast")
 @_one
 def _cast(bb, ins, op, dim):
+    if DType.fp8e4m3 in (op.operands[0].type.dtype, op.attrs["dtype"]):  # TVM 0.27's fp8 conversions are wrong
+        raise NotImplementedError("cpu target: cast to or from fp8e4m3 is not supported (use dequantize)")
     return R.astype(ins[0], tvm_dtype(op.attrs["dtype"]))
 
 
@@ -112,7 +143,7 @@ def _linear(bb, ins, op, ctx):
     n = op.operands[1].type.shape[0]
     rows = ctx(dims.mul(*lead)) if lead else 1
     panels = ctx.panels(w, kernels.panel_for("linear", int(n)))
-    y = emit_kernel(bb, kernels.dense_packed, R.reshape(x, [rows, ctx(kdim)]), panels, int(n), name="dense")
+    y = emit_kernel(bb, kernels.dense_packed, reshape(bb, x, [rows, ctx(kdim)]), panels, int(n), name="dense")
     return R.reshape(y, [ctx(d) for d in op.result.type.shape])
 
 
@@ -132,9 +163,9 @@ def batched(bb, a, b, out_shape: list, ctx) -> Any:
     batch = 1
     for d in sa[:-2]:
         batch = batch * d
-    y = emit_kernel(bb, kernels.batched_matmul, R.reshape(a, [batch, *sa[-2:]]), R.reshape(b, [batch, *sb[-2:]]),
-                    name="batched_matmul")  # fmt: skip
-    return R.reshape(y, out_shape)
+    a, b = (x if len(s) == 3 else reshape(bb, x, [batch, *s[-2:]]) for x, s in ((a, sa), (b, sb)))
+    y = emit_kernel(bb, kernels.batched_matmul, a, b, name="batched_matmul")
+    return y if len(out_shape) == 3 else R.reshape(y, out_shape)
 
 
 def emit_kernel(bb, fn: Callable, *args, name: str, kind: str = "gemm") -> Any:
@@ -171,7 +202,20 @@ def _reduce(bb, ins, op, dim):
 @lowering("reshape")
 @_one
 def _reshape(bb, ins, op, dim):
-    return R.reshape(ins[0], [dim(d) for d in op.attrs["shape"]])
+    return reshape(bb, ins[0], [dim(d) for d in op.attrs["shape"]])
+
+
+def reshape(bb: relax.BlockBuilder, x: Any, shape: list) -> Any:
+    """R.reshape of x, looking through the reshapes that produced x: FuseOps would fuse a chain of them into a copy
+    kernel, while one reshape stays a view (RewriteDataflowReshape)."""
+    while True:
+        bound = bb.lookup_binding(x) if isinstance(x, relax.Var) else x
+        if not (isinstance(bound, relax.Call) and bound.op == _RESHAPE):
+            return R.reshape(x, shape)
+        x = bound.args[0]
+
+
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
 
 
 @lowering("transpose")
@@ -240,6 +284,16 @@ def _iota(bb, ins, op, dim):
 @lowering("topk")
 def _topk(bb, ins, op, dim):
     a = op.attrs
+    t = op.operands[0].type
+    n = t.shape[-1]
+    if a["axis"] % t.rank == t.rank - 1 and a["k"] <= kernels.SMALL_TOPK and isinstance(n, int):
+        dt = tvm_dtype(t.dtype)
+        rows = dim(dims.mul(*t.shape[:-1])) if t.rank > 1 else 1
+        gv = bb.add_func(kernels.small_topk(n, a["k"], bool(a["largest"]), dt), "small_topk")
+        types = [relax.TensorType([rows, a["k"]], dt), relax.TensorType([rows, a["k"]], "int32")]
+        out = bb.emit(relax.call_tir(gv, [reshape(bb, ins[0], [rows, n])], types))
+        shape = [dim(d) for d in op.results[0].type.shape]
+        return [R.reshape(relax.TupleGetItem(out, i), shape) for i in (0, 1)]
     out = bb.emit(R.topk(ins[0], k=a["k"], axis=a["axis"], ret_type="both", largest=a["largest"], dtype="int32"))
     return [relax.TupleGetItem(out, 0), relax.TupleGetItem(out, 1)]
 
@@ -267,11 +321,15 @@ def _attention(bb, ins, op, ctx):
     (b, h, sq, _), (_, hkv, skv, _) = (ctx.shape(x) for x in op.operands[:2])
     if h != hkv:
         k, v = R.repeat(k, h // hkv, axis=1), R.repeat(v, h // hkv, axis=1)
-    s = batched(bb, q, R.permute_dims(k, [0, 1, 3, 2]), [b * h, sq, skv], ctx)
-    dt = tvm_dtype(op.result.type.dtype)
-    p = emit_kernel(bb, kernels.attention_probs, s, float(a["scale"]), bool(a["causal"]), dt, name="attention_probs",
-                    kind="softmax")  # fmt: skip
-    return batched(bb, R.reshape(p, [b, h, sq, skv]), v, [ctx(d) for d in op.result.type.shape], ctx)
+    s = bb.emit(batched(bb, q, R.permute_dims(k, [0, 1, 3, 2]), [b * h, sq, skv], ctx))
+    if op.result.type.dtype == DType.f32:
+        softmax = bb.add_func(kernels.attention_softmax(float(a["scale"]), bool(a["causal"])), "attention_softmax")
+        p = bb.emit(relax.call_tir(softmax, [s], relax.TensorType([b * h, sq, skv], "float32")))
+    else:
+        dt = tvm_dtype(op.result.type.dtype)
+        p = emit_kernel(bb, kernels.attention_probs, s, float(a["scale"]), bool(a["causal"]), dt,
+                        name="attention_probs", kind="softmax")  # fmt: skip
+    return batched(bb, p, v, [ctx(d) for d in op.result.type.shape], ctx)
 
 
 @lowering("moe_experts")
@@ -300,7 +358,7 @@ def _moe_experts(bb, ins, op, ctx):
         )
         return y if width == n else bb.emit(R.strided_slice(y, axes=[1], begin=[0], end=[n]))
 
-    h = bb.emit(R.multiply(R.nn.silu(grouped(xs, w_gate, d, f)), grouped(xs, w_up, d, f)))
+    h = bb.emit(R.multiply(silu(bb, grouped(xs, w_gate, d, f), op), grouped(xs, w_up, d, f)))
     y = grouped(h, w_down, f, d)  # [P, D]
     ys = R.reshape(R.take(y, R.reshape(slot, [tokens * k]), axis=0), [tokens, k, d])
     return R.sum(R.multiply(ys, R.expand_dims(weights, [2])), axis=[1])

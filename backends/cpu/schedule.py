@@ -22,21 +22,32 @@ from r1c.backends.cpu.kernels import ACC_BLOCK, KERNEL_ATTR, MI, OUT_BLOCK, PANE
 PARALLEL_MIN = 4096  # iterations of a loop nest below which threads cost more than they save
 SYMBOLIC_GUESS = 64  # a symbolic extent counts as this (a sequence or batch of modest size)
 SMALL_WORK = 32768  # iterations in all below which a function runs on one thread
+GEMM_PARALLEL_MIN = 1 << 18  # multiply-adds below which a GEMM runs on one thread (~5 us: a fork costs ~2 us)
 SCHEDULED = "tir.is_scheduled"
-HAND_WRITTEN = ("moe_route", "grouped_matmul")  # TIR that comes scheduled as written
+HAND_WRITTEN = (  # TIR that comes scheduled as written
+    *("moe_route", "grouped_matmul", "attention_softmax", "small_topk"),  # kernels.py
+    *("moe_permute", "moe_rows", "moe_gemm", "moe_wgrad"),  # kernels_moe.py
+    *("attention_block_map", "dsa_mask", "dsa_block_map", "flash_attention"),  # kernels_attention.py
+    *("cache_write", "kv_attention"),  # kernels_cache.py
+)
 
 
 def schedule_gemm(func: tir.PrimFunc) -> tir.PrimFunc:
-    """MI x panel accumulators in registers over the whole K loop; threads over (batch, column panel)."""
+    """MI x panel accumulators in registers over the whole K loop; threads over (batch, column panel, row tile),
+    row tiles innermost so the tiles a thread runs share their weight panel; a GEMM too small to pay for the fork
+    stays on one thread."""
     s = s_tir.Schedule(func)
     out, acc = s.get_sblock(OUT_BLOCK), s.get_sblock(ACC_BLOCK)
     *batch, i, j = s.get_loops(out)
+    macs = _iterations(s, [*batch, i, j]) * _iterations(s, s.get_loops(acc)[-1:])
     p = _panel(s, acc)
     io, ii = s.split(i, [None, MI])
     jo, ji = s.split(j, [None, p])
     s.reorder(*batch, jo, io, ii, ji)
-    s.parallel(s.fuse(*batch, jo) if batch else jo)
-    s.compute_at(acc, io)
+    tasks = s.fuse(*batch, jo, io)
+    if macs >= GEMM_PARALLEL_MIN:
+        s.parallel(tasks)
+    s.compute_at(acc, tasks)
     s.set_scope(acc, 0, "local")
     *_, ci, cj, ck = s.get_loops(acc)
     s.reorder(ck, ci, cj)
@@ -54,11 +65,65 @@ def _panel(s: s_tir.Schedule, acc: Any) -> int:
     return PANEL if isinstance(extent, tir.IntImm) and int(extent) % PANEL == 0 else VEC
 
 
-def parallelize(func: tir.PrimFunc) -> tir.PrimFunc:
-    """Each loop nest: its innermost loop vectorized where it can be, its other leading data-parallel loops fused
-    into one loop that runs on the threads. (Inlining the producers first, as dlight's GPU fallback does, measured
-    1.2x slower on r1-tiny: the inlined index chains are recomputed for every element.)"""
+def _spatial(s: s_tir.Schedule, block: Any) -> bool:
+    return all(iv.iter_type == tir.IterVar.DataPar for iv in s.get(block).iter_vars)
+
+
+def inline_injective(s: s_tir.Schedule) -> None:
+    """Fold every producer nest of an all-data-parallel function into its consumers: one loop nest instead of one
+    per op, with no intermediate buffers (each was its own parallel region and a round trip through memory; the
+    reshape index chains that inlining leaves are folded by TVM's simplifier once loop bounds are known)."""
+    blocks = s.get_child_blocks(s.get_sblock("root"))
+    if not all(_spatial(s, b) for b in blocks):
+        return
+    for block in blocks[:-1]:
+        try:
+            s.compute_inline(block)
+        except s_tir.ScheduleError:  # e.g. a block that writes an output buffer: stays its own nest
+            pass
+
+
+def schedule_rows(func: tir.PrimFunc) -> tir.PrimFunc | None:
+    """Row-wise functions (softmax, norms: reductions over the last axis and elementwise work around them): one
+    parallel loop over the rows of the output, every other block computed inside it on row-sized buffers that stay
+    in L1, vectorized where their inner extent allows. None when the function does not have that shape."""
     s = s_tir.Schedule(func)
+    if not _has_root(s):
+        return None
+    blocks = s.get_child_blocks(s.get_sblock("root"))
+    if len(blocks) < 2 or all(_spatial(s, b) for b in blocks) or not _spatial(s, blocks[-1]):
+        return None
+    try:
+        for block in blocks[:-1]:  # elementwise producers of a single consumer fold into it
+            if _spatial(s, block) and len(s.get_consumers(block)) == 1:
+                try:
+                    s.compute_inline(block)
+                except s_tir.ScheduleError:
+                    pass
+        blocks = s.get_child_blocks(s.get_sblock("root"))
+        loops = s.get_loops(blocks[-1])
+        if len(loops) < 2:
+            return None
+        row = s.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        for block in reversed(blocks[:-1]):
+            s.compute_at(block, row, preserve_unit_loops=False)
+        for block in s.get_child_blocks(row):
+            if _spatial(s, block):
+                _vectorize_inner(s, block, 1, 1)
+        if _iterations(s, [row]) * 16 >= PARALLEL_MIN:
+            s.parallel(row)
+    except s_tir.ScheduleError:
+        return None
+    return s.mod["main"].with_attr(SCHEDULED, True)
+
+
+def parallelize(func: tir.PrimFunc) -> tir.PrimFunc:
+    """Each loop nest (after folding the producers of an elementwise chain into its last op): its innermost loop
+    vectorized where it can be, its other leading data-parallel loops fused into one loop that runs on the
+    threads."""
+    s = s_tir.Schedule(func)
+    if _has_root(s):
+        inline_injective(s)
     for block in s.get_child_blocks(s.get_sblock("root")) if _has_root(s) else []:  # one per loop nest
         loops = s.get_loops(block)
         if not loops or _iterations(s, loops) < PARALLEL_MIN:
@@ -114,6 +179,9 @@ def schedule_default(func: tir.PrimFunc, target: tvm.target.Target) -> tir.PrimF
         return schedule_gemm(func)
     if kind in HAND_WRITTEN:
         return func
+    rows = schedule_rows(func)
+    if rows is not None:
+        return rows
     if _work(func) < SMALL_WORK:  # dlight would put threads on it; forking costs more than the work
         return parallelize(func)
     with target:
