@@ -17,7 +17,7 @@ from tvm import s_tir
 from tvm import tirx as tir
 from tvm.s_tir import dlight as dl
 
-from r1c.backends.cpu.kernels import ACC_BLOCK, KERNEL_ATTR, MI, OUT_BLOCK, PANEL, VEC
+from r1c.backends.cpu.kernels import ACC_BLOCK, KERNEL_ATTR, MI, OUT_BLOCK, PAD_BLOCK, PANEL, VEC
 
 PARALLEL_MIN = 4096  # iterations of a loop nest below which threads cost more than they save
 SYMBOLIC_GUESS = 64  # a symbolic extent counts as this (a sequence or batch of modest size)
@@ -34,8 +34,8 @@ HAND_WRITTEN = (  # TIR that comes scheduled as written
 
 def schedule_gemm(func: tir.PrimFunc) -> tir.PrimFunc:
     """MI x panel accumulators in registers over the whole K loop; threads over (batch, column panel, row tile),
-    row tiles innermost so the tiles a thread runs share their weight panel; a GEMM too small to pay for the fork
-    stays on one thread."""
+    row tiles innermost so the tiles a thread runs share their weight panel (a panel is read from memory once);
+    a GEMM too small to pay for the fork stays on one thread."""
     s = s_tir.Schedule(func)
     out, acc = s.get_sblock(OUT_BLOCK), s.get_sblock(ACC_BLOCK)
     *batch, i, j = s.get_loops(out)
@@ -44,10 +44,13 @@ def schedule_gemm(func: tir.PrimFunc) -> tir.PrimFunc:
     io, ii = s.split(i, [None, MI])
     jo, ji = s.split(j, [None, p])
     s.reorder(*batch, jo, io, ii, ji)
-    tasks = s.fuse(*batch, jo, io)
+    # Row tiles join the threaded loop only when their count is static: fused with a symbolic extent, the index
+    # math divides by it and the accumulator is no longer compacted to one register tile.
+    static_rows = isinstance(s.get(io).extent, tir.IntImm)
+    tasks = s.fuse(*batch, jo, io) if static_rows else s.fuse(*batch, jo) if batch else jo
     if macs >= GEMM_PARALLEL_MIN:
         s.parallel(tasks)
-    s.compute_at(acc, tasks)
+    s.compute_at(acc, tasks if static_rows else io)
     s.set_scope(acc, 0, "local")
     *_, ci, cj, ck = s.get_loops(acc)
     s.reorder(ck, ci, cj)
@@ -56,6 +59,15 @@ def schedule_gemm(func: tir.PrimFunc) -> tir.PrimFunc:
     s.unroll(lanes_outer)
     s.unroll(ci)
     s.decompose_reduction(acc, ck)
+    try:  # batched_matmul's zero-padded copy of b: one vectorized pass, threaded with the GEMM when that is
+        pad = s.get_sblock(PAD_BLOCK)
+    except s_tir.ScheduleError:
+        return s.mod["main"].with_attr(SCHEDULED, True)
+    *rows, inner = s.get_loops(pad)
+    _, lanes = s.split(inner, [None, min(VEC, p)])
+    s.vectorize(lanes)
+    if macs >= GEMM_PARALLEL_MIN:
+        s.parallel(s.fuse(*rows))
     return s.mod["main"].with_attr(SCHEDULED, True)
 
 
