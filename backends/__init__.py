@@ -35,12 +35,10 @@ class Target:
 _TARGETS: dict[str, Target] = {}
 
 # Targets on the roadmap (DESIGN.md). Naming them keeps `--target cuda` from reading like a typo.
-PLANNED: dict[str, str] = {
-    "tpu": "StableHLO via JAX/XLA, with Pallas kernels",
-}
+PLANNED: dict[str, str] = {}
 
 # Modules that register targets on import; loaded on first lookup so `import r1c` stays cheap.
-_BUILTIN = ("r1c.backends.ref", "r1c.backends.cuda.target", "r1c.backends.cpu.target")
+_BUILTIN = ("r1c.backends.ref", "r1c.backends.cuda.target", "r1c.backends.cpu.target", "r1c.backends.tpu.target")
 
 
 def register_target(name: str, compile_fn: CompileFn, description: str, run_fn: RunFn | None = None) -> Target:
@@ -70,7 +68,8 @@ def get_target(name: str) -> Target:
             f"target '{name}' is not implemented yet (planned: {PLANNED[name]}); available targets: {available}"
         )
     raise TargetError(
-        f"unknown target '{name}'; available targets: {available} (planned: {', '.join(sorted(PLANNED))})"
+        f"unknown target '{name}'; available targets: {available}"
+        + (f" (planned: {', '.join(sorted(PLANNED))})" if PLANNED else "")
     )
 
 

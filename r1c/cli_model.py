@@ -34,6 +34,8 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
         "--entry", metavar="FUNC", help="cuda, cpu: the function to compile (default forward; decode: a KV step)"
     )
     add_shape_flags(p)
+    p.add_argument("--mesh", metavar="AXIS=N,...", help="tpu: shard batch/experts over devices, e.g. data=2,expert=2")
+    p.add_argument("--emit", choices=("stablehlo",), help="tpu: also print the StableHLO MLIR")
     add_set_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seed for initializing weights (default: 0)")
     w = p.add_mutually_exclusive_group()
@@ -60,6 +62,7 @@ def run_compile(args: argparse.Namespace) -> int:
     if args.weights:
         weights = load_weights(args.weights)
     passes, options = args.passes, {}
+    tpu = args.target.split(":")[0] == "tpu"
     if args.target == "cuda":  # the cuda target runs its own default pipeline; --passes replaces it
         flags = (("dtype", args.dtype), ("dump_kernels", args.dump_kernels), ("entry", args.entry))
         options = {k: v for k, v in flags if v is not None}
@@ -70,10 +73,17 @@ def run_compile(args: argparse.Namespace) -> int:
             raise InputError("--dtype and --dump-kernels apply to --target cuda")
         flags = (("entry", args.entry), ("shapes", parse_shapes(args.shapes) or None), ("tuning", args.tuning_db))
         options = {k: v for k, v in flags if v is not None}
+    elif tpu:
+        if args.dtype or args.dump_kernels or args.tuning_db:
+            raise InputError("--dtype, --dump-kernels and --tuning-db do not apply to --target tpu")
+        flags = (("entry", args.entry), ("shapes", parse_shapes(args.shapes) or None), ("mesh", args.mesh))
+        options = {k: v for k, v in flags if v is not None}
     elif args.dtype or args.dump_kernels or args.entry:
-        raise InputError("--dtype, --dump-kernels and --entry apply to --target cuda (--entry also to cpu)")
-    if (args.shapes or args.tuning_db) and args.target not in ("cpu", "cpu-arm"):
-        raise InputError("--shapes and --tuning-db apply to --target cpu and cpu-arm")
+        raise InputError("--dtype, --dump-kernels and --entry apply to --target cuda (--entry also to cpu, tpu)")
+    if (args.mesh or args.emit) and not tpu:
+        raise InputError("--mesh and --emit apply to --target tpu")
+    if (args.shapes or args.tuning_db) and args.target not in ("cpu", "cpu-arm") and not tpu:
+        raise InputError("--shapes and --tuning-db apply to --target cpu and cpu-arm (--shapes also to tpu)")
     art = r1c.compile(
         module,
         target=args.target,
@@ -83,6 +93,8 @@ def run_compile(args: argparse.Namespace) -> int:
         out_dir=args.output,
         options=options,
     )
+    if args.emit:
+        print((Path(art.path) / "stablehlo.mlir").read_text(), end="")
     params = art.manifest["parameters"]["elements"]
     source = "loaded" if weights is not None else f"initialized with seed {args.seed}"
     print(

@@ -68,8 +68,8 @@ def test_compile_with_given_weights_to_temp_dir():
 
 
 def test_compile_unknown_target_fails_before_writing(tmp_path):
-    with pytest.raises(ValueError, match="target 'tpu' is not implemented yet"):
-        r1c.compile(_bigram(), target="tpu", out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="unknown target 'tpu:v99'"):
+        r1c.compile(_bigram(), target="tpu:v99", out_dir=tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
 

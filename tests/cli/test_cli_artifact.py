@@ -86,9 +86,10 @@ def test_run_checks_inputs(tmp_path):
 def test_registry():
     assert "ref" in backends.all_targets()
     assert "cuda" in backends.all_targets()
-    with pytest.raises(backends.TargetError, match=r"target 'tpu' is not implemented yet \(planned: StableHLO"):
-        backends.get_target("tpu")
-    with pytest.raises(backends.TargetError, match="unknown target 'gpu'.*available targets: cpu, cpu-arm, cuda, ref"):
+    assert {"tpu", "tpu:v5e", "tpu:v5p", "tpu:v6e"} <= set(backends.all_targets())
+    with pytest.raises(
+        backends.TargetError, match="unknown target 'gpu'.*available targets: cpu, cpu-arm, cuda, ref, tpu"
+    ):
         backends.get_target("gpu")
     with pytest.raises(ValueError, match="registered twice"):
         backends.register_target("ref", lambda *a: None, "again")

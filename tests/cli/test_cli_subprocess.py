@@ -33,9 +33,9 @@ def test_script_compiles_and_runs(tiny_ir, tmp_path):
 
 
 def test_script_error_exit_codes(tiny_ir, tmp_path):
-    res = _run("compile", str(tiny_ir), "--target", "tpu", "-o", str(tmp_path / "o"))
+    res = _run("compile", str(tiny_ir), "--target", "fpga", "-o", str(tmp_path / "o"))
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[0].startswith("r1c: error: target 'tpu' is not implemented yet")
+    assert res.stderr.strip().splitlines()[0].startswith("r1c: error: unknown target 'fpga'")
     assert "Traceback" not in res.stderr
     res = _run("compile", "--bogus")
     assert res.returncode == 2 and "usage:" in res.stderr
