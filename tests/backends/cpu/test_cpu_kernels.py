@@ -120,6 +120,19 @@ def test_static_shapes_build_and_wrong_shape_error(tmp_path):
         art.run([toks[:, :7]])
 
 
+def test_tvm_runs_a_thread_per_physical_core():
+    """TVM's default pool is half the logical CPUs on x86 (it assumes SMT); r1c sets one thread per physical core
+    this process may use, unless TVM_NUM_THREADS was given."""
+    import os
+
+    import tvm
+
+    from r1c.backends.cpu import _physical_cpus
+
+    want = int(os.environ.get("TVM_NUM_THREADS", _physical_cpus()))
+    assert tvm.get_global_func("runtime.NumThreads")() == want >= 1
+
+
 def test_results_outlive_the_next_run(tmp_path):
     """Results are views of the VM's output tensors (no copy): a later run must not overwrite an earlier result."""
     m = r1c.load(r1c_example("r1-tiny.r1"))
