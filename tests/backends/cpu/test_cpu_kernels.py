@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("tvm")
 
@@ -233,3 +235,36 @@ def test_tune_needs_static_shapes(tmp_path):
     mod, plan, _ = build_relax(parse_module(SMALL), {"passes": ""}, "cpu")
     with pytest.raises(ValueError, match="static shapes.*shapes"):
         tune.tune(mod, tvm.target.Target(plan["target"]), str(tmp_path / "db"), trials=2)
+
+
+DENSE_ATTENTION = """module @m {
+  func @forward(%q: f32[B,4,S,8], %k: f32[B,2,T,8], %v: f32[B,2,T,6], %x: f32[B,S,T], %w: f32[B,T,5])
+      -> (f32[B,4,S,6], f32[B,4,S,6], f32[B,S,5], f32[B,S,T]) {
+    %0 = attention(%q, %k, %v) {scale=0.7, causal=true, window=0, sinks=0} : f32[B,4,S,6]
+    %1 = attention(%q, %k, %v) {scale=-0.4, causal=false, window=0, sinks=0} : f32[B,4,S,6]
+    %2 = matmul(%x, %w) : f32[B,S,5]
+    %3 = sigmoid(%x) : f32[B,S,T]
+    return %0, %1, %2, %3
+  }
+}"""
+
+
+@pytest.fixture(scope="module")
+def dense_attention(tmp_path_factory):
+    m = parse_module(DENSE_ATTENTION)
+    out = tmp_path_factory.mktemp("attn")
+    return m, r1c.compile(m, target="cpu", weights={}, out_dir=out, options={"passes": ""})
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(b=st.integers(1, 3), s=st.integers(1, 40), t=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_attention_softmax_and_padded_gemms_property(dense_attention, b, s, t, seed):
+    """One symbolic build at random shapes: the row softmax kernel (causal with more or fewer queries than keys,
+    rows that see nothing, a negative scale), the batched GEMM's zero-padded columns, the fast sigmoid."""
+    m, art = dense_attention
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal(shape).astype(np.float32) * 3 for shape in
+              ((b, 4, s, 8), (b, 2, t, 8), (b, 2, t, 6), (b, s, t), (b, t, 5))]  # fmt: skip
+    for got, want in zip(art.run(inputs), run(m, inputs, {})):
+        assert got.shape == want.shape and np.isfinite(got).all()
+        assert rel(got, want) < 5e-6
