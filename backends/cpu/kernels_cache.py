@@ -186,6 +186,38 @@ def cache_write(layer: int, d: int, dtype: str, start_dtype: str) -> tir.PrimFun
     return write.with_attr(KERNEL_ATTR, "cache_write")
 
 
+def cache_write_inplace(layer: int, d: int, dtype: str, start_dtype: str) -> tir.PrimFunc:
+    """cache_write into the cache itself (relax.call_tir_inplace, when nothing reads the old cache afterwards):
+    only the step's rows of `layer` are written, O(B * Hkv * S * d) instead of a pass over every layer's slots."""
+    vl = lanes(d)
+
+    @T.prim_func(private=True, s_tir=True)
+    def write(var_cache: T.handle, var_new: T.handle, var_start: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        nl = T.int64()
+        nb = T.int64()
+        nh = T.int64()
+        slots = T.int64()
+        steps = T.int64()
+        cache = T.match_buffer(var_cache, (nl, nb, nh, slots, d), dtype)
+        new = T.match_buffer(var_new, (nb, nh, steps, d), dtype)
+        start = T.match_buffer(var_start, (nb,), start_dtype)
+        with T.sblock("root"):
+            for b in range(nb):
+                assert T.Cast("int64", start[b]) >= T.int64(0) and T.Cast("int64", start[b]) + steps <= slots, (
+                    "cache_write: a row's start plus the step's tokens is outside the cache's slots"
+                )
+            for r in T.parallel(nb * nh):
+                for c in range(steps):
+                    for e in range(d // vl):
+                        for lane in T.vectorized(vl):
+                            cache[layer, r // nh, r % nh, T.Cast("int64", start[r // nh]) + c, e * vl + lane] = new[
+                                r // nh, r % nh, c, e * vl + lane
+                            ]
+
+    return write.with_attr(KERNEL_ATTR, "cache_write")
+
+
 # ---- attention over a cache / quantized K and V ----
 
 

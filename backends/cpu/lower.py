@@ -34,12 +34,26 @@ class LoweringError(TargetError):
 
 class Context:
     """What a lowering needs besides its operands: IR dims as TIR expressions (one int64 variable per symbol, or
-    the value bound to it), and which weights arrive already packed in panels (kernels.pack_panels)."""
+    the value bound to it), which weights arrive already packed in panels (kernels.pack_panels), and which
+    operands the op being lowered reads for the last time (what an in-place kernel may overwrite)."""
 
-    def __init__(self, bound: dict[str, int]) -> None:
+    def __init__(self, bound: dict[str, int], f: Function | None = None) -> None:
         self.vars: dict[str, tir.Var] = {}
         self.bound = bound
         self.packed: dict[Any, int] = {}  # weight var -> its panel width
+        self.at = -1  # index of the op being lowered in the function body
+        self.last_use: dict[Value, int] = {}
+        self.params: set[Value] = set()
+        if f is not None:
+            for i, op in enumerate(f.body):
+                self.last_use.update((v, i) for v in op.operands)
+            self.last_use.update((v, len(f.body)) for v in f.results)
+            self.params = {op.result for op in f.body if op.name == "param"}
+
+    def dies_here(self, v: Value) -> bool:
+        """v is not read after the op being lowered, nor returned, nor a weight (weights outlive the call):
+        its buffer may be overwritten in place. (Function arguments may: the runner passes copies.)"""
+        return self.last_use.get(v) == self.at and v not in self.params
 
     def __call__(self, d: Dim) -> Any:
         if isinstance(d, int):
@@ -93,7 +107,7 @@ def lower(module: Module, entry: str, bound: dict[str, int] | None = None) -> tu
     """(IRModule with `main`, the weight names in the order `main` takes them after the arguments, the panel width
     of each that `main` takes packed). `bound` fixes symbolic dims to values (a static-shape build)."""
     f: Function = module.functions[entry]
-    dim = Context(bound or {})
+    dim = Context(bound or {}, f)
     params = [op for op in f.body if op.name == "param"]
     weights = [op.attrs["name"] for op in params]
     to_pack = packable(f)
@@ -114,7 +128,8 @@ def lower(module: Module, entry: str, bound: dict[str, int] | None = None) -> tu
     env.update({op.result: w for op, w in zip(params, wvars)})
     with bb.function("main", args + wvars):
         with bb.dataflow():
-            for op in f.body:
+            for i, op in enumerate(f.body):
+                dim.at = i
                 if op.name == "param":
                     continue
                 if op.name not in LOWERINGS:

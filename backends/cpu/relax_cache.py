@@ -59,8 +59,12 @@ def _dense_only(op: Op, maps: list) -> None:
 def _cache_write(bb, ins, op, ctx):
     cache, _, start = op.operands
     d = _static(cache.type.shape[4], "cache_write: the head dim")
-    func = kc.cache_write(op.attrs["layer"], d, tvm_dtype(cache.type.dtype), tvm_dtype(start.type.dtype))
-    return [_call(bb, func, "cache_write", ins, ctx.tensor(op.result.type))]
+    layer, dt, st = op.attrs["layer"], tvm_dtype(cache.type.dtype), tvm_dtype(start.type.dtype)
+    if ctx.dies_here(cache):  # nothing reads the old cache: write the step's rows into it, no copy of the cache
+        args = [bb.emit(a) if isinstance(a, relax.Call) else a for a in ins]
+        gv = bb.add_func(kc.cache_write_inplace(layer, d, dt, st).with_attr("op_pattern", OPAQUE), "cache_write")
+        return [bb.emit(relax.call_tir_inplace(gv, args, [0], ctx.tensor(op.result.type)))]
+    return [_call(bb, kc.cache_write(layer, d, dt, st), "cache_write", ins, ctx.tensor(op.result.type))]
 
 
 @lowering("cached_attention")

@@ -80,6 +80,30 @@ def test_cache_write_and_cached_attention(cache_build, b, s, c, start):
     check(m, art, cache_inputs(b, s, c, start), exact={1, 2})
 
 
+KEEP_OLD = """module @m {
+  func @forward(%q: f32[B,4,S,12], %kn: f32[B,2,S,12], %vn: f32[B,2,S,8], %kc: f32[2,B,2,C,12],
+                %vc: f32[2,B,2,C,8], %start: int32[B]) -> (f32[B,4,S,8], f32[2,B,2,C,12], f32[B,4,S,8]) {
+    %k1 = cache_write(%kc, %kn, %start) {layer=1} : f32[2,B,2,C,12]
+    %v1 = cache_write(%vc, %vn, %start) {layer=1} : f32[2,B,2,C,8]
+    %o = cached_attention(%q, %k1, %v1, %start) {layer=1, scale=0.35} : f32[B,4,S,8]
+    %old = cached_attention(%q, %kc, %v1, %start) {layer=1, scale=0.35} : f32[B,4,S,8]
+    return %o, %kc, %old
+  }
+}"""
+
+
+def test_cache_write_is_in_place_only_when_the_old_cache_is_dead(cache_build, tmp_path):
+    """A write whose old cache nobody reads afterwards updates it in place (call_tir_inplace: the step's rows only);
+    one whose old cache is read later (here: returned, and attended over) copies, and both match the reference."""
+    from r1c.backends.cpu.target import build_relax
+
+    for text, in_place in ((CACHE, 2), (KEEP_OLD, 1)):
+        mod, _, _ = build_relax(parse_module(text), {"passes": ""}, "cpu")
+        assert mod["main"].script().count("call_tir_inplace") == in_place
+    m, art = build(KEEP_OLD, tmp_path)
+    check(m, art, cache_inputs(2, 3, 8, [1, 5]), exact={1})
+
+
 def test_cache_step_outside_the_slots_is_an_error(cache_build):
     m, art = cache_build
     with pytest.raises(Exception, match="outside the cache's slots"):
