@@ -89,10 +89,29 @@ def inline_injective(s: s_tir.Schedule) -> None:
     if not all(_spatial(s, b) for b in blocks):
         return
     for block in blocks[:-1]:
+        if _inlining_blows_up(s, block):
+            continue
         try:
             s.compute_inline(block)
         except s_tir.ScheduleError:  # e.g. a block that writes an output buffer: stays its own nest
             pass
+
+
+INLINE_TEXT_MAX = 8000  # characters of expression text an inlined producer may add to one consumer
+
+
+def _inlining_blows_up(s: s_tir.Schedule, block: Any) -> bool:
+    """Inlining copies the producer's expression into every read of it: fast_exp reads its argument ten times, so a
+    chain such as sigmoid(exp(x)) inlined whole grows by 10x per exp (a small elementwise test took 90 s to build).
+    A producer that is large and read several times by a consumer stays its own nest."""
+    producer = s.get(block)
+    size = len(str(getattr(producer.body, "value", producer.body)))  # the expression it stores
+    name = producer.writes[0].source.name + "["  # the buffer it writes, as the consumers' text reads it
+    for consumer in s.get_consumers(block):
+        reads = str(s.get(consumer).body).count(name)
+        if reads > 1 and size * reads > INLINE_TEXT_MAX:
+            return True
+    return False
 
 
 def schedule_rows(func: tir.PrimFunc) -> tir.PrimFunc | None:

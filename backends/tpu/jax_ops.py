@@ -665,10 +665,47 @@ def _inner(c: Ctx, op: Op, q: Any, k: Any, v: Any, n_maps: int) -> Any:
     return attention(c, q, k, v, _mask_of(attrs, q.shape[2], k.shape[2]), attrs["scale"])
 
 
+def _decode_kvq(c: Ctx, qs: list, ks: list, v: Any, a: dict) -> Any:
+    """The quantized-KV decode kernel (backends/tpu/pallas_decode.py), per device on its batch rows under a mesh."""
+    from r1c.backends.tpu.pallas_decode import QuantKV, decode_attention
+
+    def run(qs_: list, ks_: list, v_: Any) -> Any:
+        return decode_attention(
+            qs_, ks_, v_, a["scale"], a["causal"], a["window"], a["sinks"], interpret=c.interpret, precision=c.precision
+        )
+
+    if c.mesh is None:
+        return run(qs, ks, v)
+    from jax.sharding import PartitionSpec as P
+
+    b = qs[0].shape[0]
+    kvs = ks + ([] if v is None else [v])
+    flat = [x for kv in kvs for x in (kv.codes, jnp.broadcast_to(kv.scale, (b, *kv.scale.shape[1:])))]
+    batch = P("data") if c.axis("data") > 1 and b % c.axis("data") == 0 else P()
+
+    def shard(qs_: list, flat_: list) -> Any:
+        kvs_ = [QuantKV(flat_[2 * i], flat_[2 * i + 1], kv.fp8) for i, kv in enumerate(kvs)]
+        return run(qs_, kvs_[: len(ks)], None if v is None else kvs_[-1])
+
+    specs = ([batch] * len(qs), [batch] * len(flat))
+    return jax.shard_map(shard, mesh=c.mesh, in_specs=specs, out_specs=batch, check_vma=False)(qs, flat)
+
+
+def _fp8_codes(op: Op) -> bool:
+    return op.operands[1].type.dtype == DType.fp8e4m3  # lower.py has widened the fp8 codes to float32 values
+
+
 @lowers("attention_kvq")
 def _attention_kvq(c: Ctx, ins: list, op: Op) -> list:
-    # Dequantized in XLA before the kernel (fused into its producer), not inside the Pallas kernel.
     q, kq, ks, vq, vs, *maps = ins
+    if c.kernels == "pallas":
+        from r1c.backends.tpu.pallas_decode import QuantKV, supported
+
+        k, v = QuantKV(kq, ks, _fp8_codes(op)), QuantKV(vq, vs, _fp8_codes(op))
+        if supported(q.shape[2], [k, v], op.attrs):  # decode: dequantized inside the Pallas kernel
+            return [_decode_kvq(c, [q], [k], v, op.attrs)]
+    # Prefill (or a scale varying over tokens and channels): dequantized in XLA (fused into its producer) before
+    # splash.
     return [_inner(c, op, q, kq.astype(F32) * ks, vq.astype(F32) * vs, len(maps))]
 
 
@@ -678,6 +715,16 @@ def _mla_attention_kvq(c: Ctx, ins: list, op: Op) -> list:
     dn, dv = op.attrs["qk_nope_head_dim"], op.attrs["v_head_dim"]
     h, cl = q.shape[1], lq.shape[2]
     w = w.reshape(h, dn + dv, cl)
+    if c.kernels == "pallas":
+        from r1c.backends.tpu.pallas_decode import QuantKV, supported
+
+        # The inner MQA: one kv head; keys [latent | k_rot] (two parts, each with its scale), values the latent.
+        lat = QuantKV(lq[:, None], ls[:, None], _fp8_codes(op))
+        rot = QuantKV(jnp.transpose(rq, (0, 2, 1, 3)), jnp.transpose(rs, (0, 2, 1, 3)), _fp8_codes(op))
+        if supported(q.shape[2], [lat, rot], op.attrs):
+            q_lat = jnp.einsum("bhsd,hdc->bhsc", q[..., :dn], w[:, :dn], precision=c.precision)
+            o_lat = _decode_kvq(c, [q_lat, q[..., dn:]], [lat, rot], None, op.attrs)
+            return [jnp.einsum("bhsc,hec->bhse", o_lat, w[:, dn:], precision=c.precision)]
     latent = (lq.astype(F32) * ls)[:, None]  # [B, 1, Skv, C]
     k_rot = jnp.transpose(rq.astype(F32) * rs, (0, 2, 1, 3))  # [B, 1, Skv, dr]
     q_lat = jnp.einsum("bhsd,hdc->bhsc", q[..., :dn], w[:, :dn], precision=c.precision)
