@@ -126,7 +126,7 @@ def schedule_rows(func: tir.PrimFunc) -> tir.PrimFunc | None:
         return None
     try:
         for block in blocks[:-1]:  # elementwise producers of a single consumer fold into it
-            if _spatial(s, block) and len(s.get_consumers(block)) == 1:
+            if _spatial(s, block) and len(s.get_consumers(block)) == 1 and not _inlining_blows_up(s, block):
                 try:
                     s.compute_inline(block)
                 except s_tir.ScheduleError:
@@ -138,9 +138,9 @@ def schedule_rows(func: tir.PrimFunc) -> tir.PrimFunc | None:
         row = s.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         for block in reversed(blocks[:-1]):
             s.compute_at(block, row, preserve_unit_loops=False)
-        for block in s.get_child_blocks(row):
+        for block in s.get_child_blocks(row):  # each on row-sized data now: its inner loop in vector lanes
             if _spatial(s, block):
-                _vectorize_inner(s, block, 1, 1)
+                _vectorize_last(s, block)
         if _iterations(s, [row]) * 16 >= PARALLEL_MIN:
             s.parallel(row)
     except s_tir.ScheduleError:
@@ -174,11 +174,17 @@ def parallelize(func: tir.PrimFunc) -> tir.PrimFunc:
 
 
 def _vectorize_inner(s: s_tir.Schedule, block: Any, spatial: int, depth: int) -> None:
-    """The innermost loop of an all-data-parallel nest in vector lanes, when its static extent is a multiple of 8
-    (LLVM does not vectorize TVM's int64 index arithmetic by itself; measured 1.25x on r1-tiny)."""
+    """The innermost loop of an all-data-parallel nest (spatial iter vars == loop depth) in vector lanes."""
+    if spatial == depth:
+        _vectorize_last(s, block)
+
+
+def _vectorize_last(s: s_tir.Schedule, block: Any) -> None:
+    """The block's innermost loop in vector lanes, when its static extent is a multiple of 8 (LLVM does not
+    vectorize TVM's int64 index arithmetic by itself; measured 1.25x on r1-tiny)."""
     inner = s.get_loops(block)[-1]
     extent = s.get(inner).extent
-    if spatial != depth or not isinstance(extent, tir.IntImm) or int(extent) % 8:
+    if not isinstance(extent, tir.IntImm) or int(extent) % 8:
         return
     try:
         _, lanes = s.split(inner, [None, 16 if int(extent) % 16 == 0 else 8])
