@@ -39,11 +39,19 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         ("--lora-targets", str, "comma-separated projections to adapt, e.g. q_b_proj,kv_b_proj,o_proj"),
     ):
         p.add_argument(flag, type=kind, help=f"{what} (default: from the train block)")
+    p.add_argument(
+        "--pipeline", type=int, metavar="S", help="pipeline-parallel over S stages (one process per stage, gloo): "
+        "start with `torchrun --nproc-per-node S r1c train ...`; see docs/distributed.md",
+    )  # fmt: skip
+    p.add_argument("--micro-batches", type=int, metavar="M", help="with --pipeline: micro-batches per step (1)")
+    p.add_argument("--schedule", choices=("gpipe", "1f1b"), help="with --pipeline: the schedule (gpipe)")
+    p.add_argument("--timeout", type=float, metavar="SEC", help="with --pipeline: gloo timeout in seconds (300)")
     add_set_flag(p)
     p.set_defaults(run=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from r1c.distributed.program import DistributedError
     from r1c.passes import PipelineError
     from r1c.train.checkpoint import CheckpointError
     from r1c.train.config import TrainConfig, TrainConfigError
@@ -62,6 +70,12 @@ def run_train(args: argparse.Namespace) -> int:
         }
         cfg = TrainConfig.from_attrs(base.attrs, **flags)
         tokens = load_tokens(args.data, int(base.attrs.get("vocab_size", 0)))
+        if args.pipeline is not None:
+            from r1c.distributed.cli import run_pipeline_train
+
+            return run_pipeline_train(args, cfg, tokens)
+        if any(x is not None for x in (args.micro_batches, args.schedule, args.timeout)):
+            raise InputError("--micro-batches, --schedule and --timeout apply to --pipeline training only")
         trainer = Trainer.create(base, cfg, tokens)
         if args.resume:
             trainer.restore(args.resume)
@@ -74,6 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
         MixedPrecisionError,
         TrainStepError,
         PipelineError,
+        DistributedError,
     ) as e:
         raise InputError(str(e)) from None
 

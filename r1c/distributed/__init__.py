@@ -1,0 +1,5 @@
+"""Distributed runtime: pipeline-parallel training over torch.distributed (gloo on CPU); docs/distributed.md."""
+
+from r1c.distributed.program import DistributedError, PipelineConfig, StagePlan, build_pipeline
+
+__all__ = ["DistributedError", "PipelineConfig", "StagePlan", "build_pipeline"]

@@ -1,0 +1,80 @@
+"""`r1c train MODEL --pipeline S`: this process is one rank of a `torchrun --nproc-per-node S` job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from r1c.train.config import TrainConfig
+from r1c.train.runtime import StepResult
+
+
+def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.ndarray) -> int:
+    import torch.distributed as dist
+
+    from r1c.distributed.comm import PeerError
+    from r1c.distributed.launch import TrainSpec, init_from_env, train_rank
+    from r1c.distributed.program import DistributedError, PipelineConfig, check_supported
+    from r1c.train.checkpoint import CheckpointError
+
+    pc = PipelineConfig(
+        args.pipeline,
+        args.micro_batches if args.micro_batches is not None else 1,
+        args.schedule or "gpipe",
+        args.timeout if args.timeout is not None else 300.0,
+    )
+    check_supported(cfg, pc)  # before joining the job: a bad option fails at once on every rank
+    if args.resume and not Path(args.resume).is_dir():
+        raise DistributedError(
+            f"--resume {args.resume}: with --pipeline, resume from a pipeline checkpoint directory "
+            "(OUT/checkpoint or OUT/checkpoint-K, written by a --pipeline run at any stage count)"
+        )
+    rank, world = init_from_env(pc.timeout_s)
+    out = Path(args.out)
+    spec = TrainSpec(
+        args.model, cfg, pc, tokens, overrides=_overrides(args.sets), out=str(out), resume=args.resume,
+        save_every=cfg.save_every,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+
+    def log(r: StepResult) -> None:
+        elapsed = time.perf_counter() - t0
+        print(
+            f"step {r.step}/{cfg.steps}  loss {r.loss:.4f}  lr {r.lr:.2e}  grad_norm {r.grad_norm:.3f}  {elapsed:.1f} s"
+        )
+
+    try:
+        result = train_rank(rank, world, spec, log)
+    except (PeerError, DistributedError, CheckpointError) as e:
+        print(f"r1c: error: rank {rank}: {e}" if not str(e).startswith("rank") else f"r1c: error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # Without gloo's teardown, which may wait on a dead peer: the exit closes the sockets, which stops the
+        # neighbours at once, and torchrun reports the failed ranks.
+        os._exit(1)
+    if rank == 0:
+        hist = result.history
+        from r1c.train.plot import plot_losses
+
+        (out / "losses.json").write_text(
+            json.dumps([{"step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm} for r in hist], indent=1)
+        )
+        plot_losses([r.step for r in hist], [r.loss for r in hist], out / "loss.png", f"{args.model} training loss")
+        print(
+            f"trained with {pc.stages} pipeline stages ({pc.schedule}, {pc.micro_batches} micro-batches) to step "
+            f"{hist[-1].step}: loss {hist[0].loss:.4f} -> {hist[-1].loss:.4f}; checkpoint {out / 'checkpoint'}"
+        )
+    dist.destroy_process_group()
+    return 0
+
+
+def _overrides(sets: list[str] | None) -> dict:
+    from r1c.cli_common import parse_sets
+
+    return parse_sets(sets or []) or {}

@@ -1,0 +1,111 @@
+"""Point-to-point transfers of numpy arrays between pipeline ranks over torch.distributed, with errors that say
+which peer and which transfer failed.
+
+A dead peer surfaces in gloo either at once (its sockets close: "Connection closed by peer") or after the process
+group's timeout; both become a `PeerError`, and the rank stops (its own exit then closes its sockets, so the
+failure travels down the pipeline to every rank instead of leaving one waiting).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# Tags keep the two directions and the micro-batches apart; the ranks' orders already match, this makes a
+# mismatch an error (a wrong-shape receive) rather than silently swapped data.
+FORWARD, BACKWARD = 0, 1
+
+
+class PeerError(RuntimeError):
+    """A transfer with another rank failed: the peer died, or did not answer within the timeout."""
+
+
+def tag(kind: int, micro_batch: int, index: int) -> int:
+    return (micro_batch * 2 + kind) * 4096 + index
+
+
+class Channel:
+    def __init__(self, rank: int, world: int, timeout_s: float) -> None:
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self._pending: list[tuple[dist.Work, torch.Tensor, int, str]] = []
+
+    def _fail(self, what: str, peer: int | None, e: Exception) -> PeerError:
+        who = f"rank {peer}" if peer is not None else "the other ranks"
+        # gloo's message: "[file:line] Connection closed by peer [addr]:port. This is typically caused by ..."
+        detail = (str(e).splitlines() or [""])[0].split(" This is typically")[0]
+        return PeerError(
+            f"rank {self.rank}: {what} with {who} failed (a rank died or did not answer within "
+            f"{self.timeout_s:g} s): {type(e).__name__}: {detail}"
+        )
+
+    def send(self, arrays: list[np.ndarray], dst: int, kind: int, micro_batch: int) -> None:
+        """Start sending; `flush` waits for completion (the receiver may not have posted its receive yet)."""
+        for i, x in enumerate(arrays):
+            t = _to_tensor(x)
+            what = f"sending {'activation' if kind == FORWARD else 'cotangent'} {i} of micro-batch {micro_batch}"
+            try:
+                work = dist.isend(t, dst, tag=tag(kind, micro_batch, i))
+            except RuntimeError as e:
+                raise self._fail(what, dst, e) from None
+            self._pending.append((work, t, dst, what))  # keep t alive until the send completes
+
+    def recv(
+        self, specs: list[tuple[tuple[int, ...], np.dtype]], src: int, kind: int, micro_batch: int
+    ) -> list[np.ndarray]:
+        out = []
+        for i, (shape, dtype) in enumerate(specs):
+            t = torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)))
+            what = f"receiving {'activation' if kind == FORWARD else 'cotangent'} {i} of micro-batch {micro_batch}"
+            try:
+                dist.recv(t, src, tag=tag(kind, micro_batch, i))
+            except RuntimeError as e:
+                raise self._fail(what, src, e) from None
+            out.append(_from_tensor(t, np.dtype(dtype)))
+        return out
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for work, _, dst, what in pending:
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise self._fail(what, dst, e) from None
+
+    def all_reduce_sum(self, values: np.ndarray, what: str) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64).copy())
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        except RuntimeError as e:
+            raise self._fail(what, None, e) from None
+        return t.numpy()
+
+
+_DTYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.uint8): torch.uint8,
+}
+
+
+def _torch_dtype(d: np.dtype) -> torch.dtype:
+    if d == np.dtype(bool):
+        return torch.uint8  # sent as bytes: gloo's bool support varies between versions
+    if d not in _DTYPES:
+        raise PeerError(f"cannot send arrays of dtype {d} between pipeline stages (supported: bool, {list(_DTYPES)})")
+    return _DTYPES[d]
+
+
+def _to_tensor(x: np.ndarray) -> torch.Tensor:
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.dtype(bool):
+        x = x.view(np.uint8)
+    _torch_dtype(x.dtype)
+    return torch.from_numpy(x.copy())
+
+
+def _from_tensor(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    x = t.numpy()
+    return x.view(bool) if dtype == np.dtype(bool) else x

@@ -1,0 +1,236 @@
+"""Starting pipeline training: one process per stage, under `torchrun` (`init_from_env`) or spawned by `spawn` on
+a free loopback port (tests, notebooks), each running `train_rank`.
+
+Failure handling: every rank uses gloo with `PipelineConfig.timeout_s`; a rank whose peer dies gets a `PeerError`
+(at once when the peer's sockets close, at the latest after the timeout) and stops, which closes its own sockets
+and stops its other neighbour in turn, so the whole job ends with a clear error on every rank instead of a hang.
+`spawn` reports each rank's outcome (result, error message, or exit code when it died without one).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from r1c.distributed.program import DistributedError, PipelineConfig
+from r1c.train.config import TrainConfig
+from r1c.train.runtime import StepResult
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything a rank needs to build the same pipeline program as every other rank."""
+
+    model: str  # .r1 or .ir file
+    cfg: TrainConfig
+    pipeline: PipelineConfig
+    tokens: np.ndarray  # the training token stream (every rank samples the same batches from it)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None  # directory for per-stage checkpoints (None: save nothing)
+    resume: str | None = None  # a pipeline checkpoint directory, saved at any stage count
+    save_every: int = 0
+    keep_grads: bool = False  # return the first step's gradients (tests compare them with the single process)
+    # Fault injection for tests: (rank, step): that rank exits abruptly (os._exit, no cleanup, like a crash or
+    # an OOM kill) after its first forward of that step, while its peers are waiting on it.
+    crash_at: tuple[int, int] | None = None
+
+
+@dataclass
+class RankResult:
+    rank: int
+    history: list[StepResult]
+    state: dict[str, np.ndarray]  # this rank's parameters and optimizer state after the last step
+    first_loss: float | None = None
+    first_grads: dict[str, np.ndarray] | None = None
+
+
+def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult], None] | None = None) -> RankResult:
+    """Run rank `rank`'s stage for the steps of `spec.cfg` (from the resumed step); the process group is up."""
+    import r1c
+    from r1c.distributed import checkpoint as ckpt
+    from r1c.distributed.comm import Channel
+    from r1c.distributed.program import build_pipeline
+    from r1c.distributed.runtime import StageRunner
+    from r1c.train.data import Batches
+    from r1c.train.runtime import initial_state
+
+    cfg, pc = spec.cfg, spec.pipeline
+    if world != pc.stages:
+        raise DistributedError(f"--pipeline {pc.stages} needs {pc.stages} processes, the job has {world}")
+    base = r1c.load(spec.model, overrides=spec.overrides or None)
+    module, plans = build_pipeline(base, cfg, pc)
+    data = Batches(spec.tokens, cfg.batch, cfg.seq, cfg.seed)
+    channel = Channel(rank, world, pc.timeout_s)
+    history: list[StepResult] = []
+    if spec.resume:
+        state, manifest = ckpt.load_tensors(spec.resume, list(plans[rank].state))
+        step = int(manifest["step"])
+        data.restore(manifest["data"])
+        history = [StepResult(int(s), loss, lr, norm, int(n)) for s, loss, lr, norm, n in manifest["history"]]
+    else:
+        state, step = initial_state(base, module, cfg.seed), 0
+    runner = StageRunner(module, plans, cfg, pc, rank, channel, state, step)
+    if runner.step >= cfg.steps:
+        raise DistributedError(f"the checkpoint is at step {runner.step}; ask for more --steps than that to continue")
+    result = RankResult(rank, history, {})
+    while runner.step < cfg.steps:
+        tokens, labels = data.next()
+        runner.crash_now = spec.crash_at == (rank, runner.step + 1)
+        r = runner.run_step(tokens, labels)
+        history.append(r)
+        if spec.keep_grads and result.first_grads is None and runner.last_grads is not None:
+            result.first_loss, result.first_grads = runner.last_grads.loss, dict(runner.last_grads.grads)
+        if log is not None and rank == 0:
+            log(r)
+        last = runner.step == cfg.steps
+        if spec.out and (last or (spec.save_every and runner.step % spec.save_every == 0)):
+            directory = Path(spec.out) / ("checkpoint" if last else f"checkpoint-{runner.step}")
+            _save(directory, runner, plans, data, history, channel)
+    result.history, result.state = history, runner.state
+    return result
+
+
+def _save(directory: Path, runner: Any, plans: list, data: Any, history: list[StepResult], channel: Any) -> None:
+    from r1c.distributed import checkpoint as ckpt
+
+    meta = {
+        "step": runner.step,
+        "data": data.state(),
+        "history": [[r.step, r.loss, r.lr, r.grad_norm, r.tokens] for r in history],
+    }
+    ckpt.save_stage(directory, runner.rank, runner.state, meta)
+    # Barrier (an all-reduce every rank joins): the manifest is written only once every stage file exists.
+    channel.all_reduce_sum(np.zeros(1), f"the checkpoint barrier of {directory}")
+    if runner.rank == 0:
+        ckpt.save_manifest(directory, [list(p.state) for p in plans], meta)
+
+
+# ---- process groups ----
+
+
+def init_from_env(timeout_s: float) -> tuple[int, int]:
+    """Join the job `torchrun` started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); returns (rank, world)."""
+    import torch.distributed as dist
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise DistributedError(
+            f"--pipeline runs one process per stage: start it with `torchrun --nproc-per-node S r1c train ...` "
+            f"(the environment has no {', '.join(missing)})"
+        )
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    rank: int
+    ok: bool
+    result: Any = None
+    error: str | None = None  # the rank's error message, or how it ended without one
+    seconds: float = 0.0  # from the start of `spawn` to this rank's report or death
+
+
+def _child(fn: Callable, rank: int, world: int, port: int, timeout_s: float, args: tuple, conn: Connection) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        result = fn(rank, world, *args)
+    except BaseException as e:  # report any failure to the parent, then end without gloo's teardown
+        detail = traceback.format_exc() if os.environ.get("R1C_TRACEBACK") else ""
+        conn.send((False, f"{type(e).__name__}: {e}{detail and chr(10) + detail}"))
+        conn.close()
+        os._exit(1)  # a clean destroy_process_group could wait on dead peers; the sockets close with the process
+    conn.send((True, result))
+    conn.close()
+    dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 60.0) -> list[RankOutcome]:
+    """Run `fn(rank, world, *args)` in `world` fresh processes joined by a gloo group on a free loopback port.
+
+    Every rank's outcome comes back; none is left running: a rank still alive `timeout_s + 10` s after another
+    failed, or `2 * timeout_s + 60` s after the start, is terminated and reported as hung."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs, conns = [], {}
+    start = time.perf_counter()
+    for rank in range(world):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_child, args=(fn, rank, world, port, timeout_s, args, child), daemon=True)
+        p.start()
+        child.close()
+        procs.append(p)
+        conns[parent] = rank
+    outcomes: dict[int, RankOutcome] = {}
+    deadline = start + 2 * timeout_s + 60
+    sentinels = {p.sentinel: rank for rank, p in enumerate(procs)}
+    while len(outcomes) < world and time.perf_counter() < deadline:
+        if any(not o.ok for o in outcomes.values()):
+            # After a failure the others must stop within their gloo timeout; one that does not is hung (e.g.
+            # stuck outside a transfer) and is terminated rather than waited on.
+            deadline = min(deadline, start + min(o.seconds for o in outcomes.values() if not o.ok) + timeout_s + 10)
+        ready = wait(list(conns) + list(sentinels), timeout=max(0.0, deadline - time.perf_counter()))
+        for r in ready:
+            now = time.perf_counter() - start
+            if r in conns:
+                rank = conns.pop(r)
+                try:
+                    ok, payload = r.recv()
+                except EOFError:  # the pipe closed without a report: the process died
+                    continue
+                outcomes[rank] = RankOutcome(rank, ok, payload if ok else None, None if ok else payload, now)
+            elif r in sentinels:
+                rank = sentinels.pop(r)
+                p = procs[rank]
+                p.join()
+                # A report may still sit in the pipe of a process that just exited: read it first.
+                conn = next((c for c, k in conns.items() if k == rank), None)
+                if conn is not None and conn.poll():
+                    try:
+                        ok, payload = conn.recv()
+                        outcomes[rank] = RankOutcome(rank, ok, payload if ok else None, None if ok else payload, now)
+                        del conns[conn]
+                        continue
+                    except EOFError:
+                        del conns[conn]
+                if rank not in outcomes:
+                    outcomes[rank] = RankOutcome(rank, False, error=f"died with exit code {p.exitcode}", seconds=now)
+    for rank, p in enumerate(procs):
+        if rank not in outcomes:
+            outcomes[rank] = RankOutcome(
+                rank, False, error="hung: terminated by spawn", seconds=time.perf_counter() - start
+            )
+        if p.is_alive():
+            p.terminate()
+        p.join()
+    return [outcomes[r] for r in range(world)]
+
+
+def spawn_training(spec: TrainSpec, timeout_s: float | None = None) -> list[RankOutcome]:
+    """`train_rank` on `spec.pipeline.stages` spawned processes."""
+    t = spec.pipeline.timeout_s if timeout_s is None else timeout_s
+    return spawn(train_rank, spec.pipeline.stages, (spec,), t)

@@ -1,0 +1,191 @@
+"""The IR of pipeline-parallel training: the stages of `@loss` (`pipeline-partition`), each stage's backward
+(`stage_vjp`) and each stage's optimizer update, all in one module that every rank builds identically.
+
+Per stage k the module holds
+- `@loss.stage<k>`: the forward (from `pipeline-partition`; its results are stage k+1's received arguments),
+- `@loss.stage<k>.vjp`: its vector-Jacobian product (`r1c.distributed.stage_grad`),
+- `@loss.stage<k>.update(step, norm, grads...)`: clipping by the global norm (computed across ranks by the
+  runtime and passed in), the learning-rate schedule and `adamw_update`/`sgd_update` for the stage's own
+  trainable parameters: the same ops, attributes and optimizer state names `@train_step` uses
+  (`r1c.train.step`), so the state is interchangeable with the single-process trainer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r1c.build import ModuleBuilder
+from r1c.distributed.stage_grad import VJP_SUFFIX, float_values, stage_vjp
+from r1c.ir.core import Function, Module
+from r1c.ir.types import DType, TensorType
+from r1c.ir.verifier import verify
+from r1c.passes.pipeline_partition import pipeline_partition, stage_functions
+from r1c.passes.pipeline_schedule import SCHEDULES
+from r1c.train.config import TrainConfig
+from r1c.train.step import BALANCE_BIAS, optimizer_state_names
+
+LOSS = "loss"
+UPDATE_SUFFIX = ".update"
+
+
+class DistributedError(ValueError):
+    """A pipeline setup r1c does not support, or a bad option: raised before any process talks to another."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: int
+    micro_batches: int = 1
+    schedule: str = "gpipe"
+    timeout_s: float = 300.0  # gloo: how long a rank waits for a peer before it stops with an error
+
+    def __post_init__(self) -> None:
+        if self.stages < 2:
+            raise DistributedError(f"--pipeline needs at least 2 stages, got {self.stages}")
+        if self.micro_batches < 1:
+            raise DistributedError(f"--micro-batches must be >= 1, got {self.micro_batches}")
+        if self.schedule not in SCHEDULES:
+            raise DistributedError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.timeout_s <= 0:
+            raise DistributedError(f"the timeout must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What rank k runs: its functions, which of the stage's arguments come from rank k-1, and its parameters."""
+
+    index: int
+    forward: Function
+    vjp: Function
+    update: Function | None  # None: the stage reads no trainable parameter
+    inputs: tuple[str, ...]  # the original arguments of @loss the stage reads (each rank has the batch)
+    received: tuple[str, ...]  # arguments sent by stage k-1, in order (= its results)
+    grad_params: tuple[str, ...]  # the parameters whose gradients @vjp returns, in order
+    trainable: tuple[str, ...]
+    state: tuple[str, ...]  # tensors this rank owns and updates: params + optimizer state, in the update's order
+
+    @property
+    def n_received_float(self) -> int:
+        return len(float_values([a for a in self.forward.args if a.name in self.received]))
+
+
+def check_supported(cfg: TrainConfig, pc: PipelineConfig) -> None:
+    """Options of `r1c train` the pipeline runtime does not implement: a clear error instead of a wrong result."""
+    if cfg.batch % pc.micro_batches:
+        raise DistributedError(
+            f"the batch ({cfg.batch}) must be a multiple of --micro-batches ({pc.micro_batches}): "
+            "micro-batches of equal size"
+        )
+    unsupported = {
+        "lora_rank": (cfg.lora_rank, 0, "LoRA"),
+        "precision": (cfg.precision, "f32", "bf16 mixed precision"),
+        "aux_loss_alpha": (cfg.aux_loss_alpha, 0.0, "the expert balance loss (its per-sequence terms cross stages)"),
+        "bias_gamma": (cfg.bias_gamma, 0.0, "the balancing-bias update"),
+        "recompute": (cfg.recompute, "none", "recompute=layer (each stage already recomputes its forward)"),
+    }
+    for key, (value, default, what) in unsupported.items():
+        if value != default:
+            raise DistributedError(
+                f"pipeline training does not support {what} yet: train.{key} = {value!r} (only {default!r})"
+            )
+
+
+def loss_ignore_index(module: Module) -> int:
+    """Micro-batch losses combine exactly into the batch loss only for a mean cross-entropy over kept rows:
+    loss = sum_m kept_m / kept * loss_m. Returns that op's ignore_index; anything else is an error."""
+    f = module.functions[LOSS]
+    (result,) = f.results
+    producer = next((op for op in f.body if result in op.results), None)
+    if producer is None or producer.name != "cross_entropy":
+        raise DistributedError(
+            f"pipeline training needs @{LOSS} to return a cross_entropy (a mean over tokens, so micro-batch losses "
+            f"can be combined exactly); @{module.name}'s returns {producer.name if producer else 'an argument'}"
+        )
+    return int(producer.attrs["ignore_index"])
+
+
+def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[Module, list[StagePlan]]:
+    """The module with every stage's forward, VJP and update functions, and the per-stage plans."""
+    check_supported(cfg, pc)
+    if LOSS not in base.functions:
+        raise DistributedError(f"training needs a loss function @{LOSS}; @{base.name} has {sorted(base.functions)}")
+    loss_ignore_index(base)
+    module = pipeline_partition(
+        base,
+        stages=pc.stages,
+        function=LOSS,
+        batch=cfg.batch // pc.micro_batches,
+        seq=cfg.seq,
+        micro_batches=pc.micro_batches,
+    )
+    stages = stage_functions(module, LOSS)
+    owner: dict[str, int] = {}
+    for k, f in enumerate(stages):
+        for op in f.body:
+            if op.name == "param":
+                name = op.attrs["name"]
+                if owner.setdefault(name, k) != k:
+                    # A tied weight (e.g. tie_embeddings) would need its gradient summed across the two ranks.
+                    raise DistributedError(
+                        f"parameter @{name} is read by stages {owner[name]} and {k} (a tied weight); pipeline "
+                        "training needs each parameter on one stage"
+                    )
+    original = [a.name for a in base.functions[LOSS].args]
+    plans = []
+    for k, f in enumerate(stages):
+        sent = [r.name for r in stages[k - 1].results] if k else []
+        received = [a for a in f.args if a.name in sent]
+        inputs = tuple(a.name for a in f.args if a.name not in sent)
+        # The partition's contract, which the wire format relies on: stage k-1's results, in order, are stage k's
+        # received arguments; everything else a stage reads is an original input that every rank has.
+        if [a.name for a in received] != sent or not set(inputs) <= set(original):
+            raise DistributedError(
+                f"@{f.name}: its arguments {[a.name for a in f.args]} are not @{LOSS}'s inputs followed by what "
+                f"stage {k - 1} sends ({sent})"
+            )
+        vjp, grad_names = stage_vjp(module, f, received)
+        trainable = [n for n in grad_names if not n.endswith(BALANCE_BIAS)]
+        update = _build_update(module, f.name + UPDATE_SUFFIX, cfg, trainable) if trainable else None
+        state = [s for n in trainable for s in (n, *optimizer_state_names(cfg, n))]
+        # Parameters without a gradient (the routing bias) still belong to this rank: it reads them.
+        state += [n for n in grad_names if n not in trainable]
+        state += [op.attrs["name"] for op in f.body if op.name == "param" and op.attrs["name"] not in state]
+        plans.append(
+            StagePlan(
+                k, f, vjp, update, inputs, tuple(a.name for a in received), tuple(grad_names), tuple(trainable),
+                tuple(state),
+            )
+        )  # fmt: skip
+    return verify(module), plans
+
+
+def _build_update(module: Module, name: str, cfg: TrainConfig, trainable: list[str]) -> Function:
+    """`@name(step, norm, grad...)` -> new (param, optimizer state...) per trainable param, as `@train_step`."""
+    mb = ModuleBuilder(module.name)
+    mb.module = module
+    scalar = TensorType(DType.f32, ())
+    grads_t = {f"grad.{n}": module.params[n].type for n in trainable}
+    fb = mb.function(name, step=TensorType(DType.int32, ()), norm=scalar, **grads_t)
+    step, norm, grads = fb.args[0], fb.args[1], dict(zip(trainable, fb.args[2:]))
+    lr = fb.lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_lr=cfg.min_lr, kind=cfg.schedule)
+    if cfg.clip > 0:
+        coef = fb.clip_coef(norm, max_norm=cfg.clip)
+        grads = {n: fb.mul(grads[n], coef) for n in trainable}
+    new_values = []
+    for n in trainable:
+        p = fb.param(n)
+        opt = [fb.param(s, p.type, "zeros") for s in optimizer_state_names(cfg, n)]
+        with fb.scope(n):
+            if cfg.optimizer == "adamw":
+                out = fb.adamw_update(
+                    p, grads[n], *opt, lr, step, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay,
+                )  # fmt: skip
+            else:
+                out = fb.sgd_update(p, grads[n], *opt, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        new_values += list(out)
+    fb.ret(*new_values)
+    return fb.function
+
+
+__all__ = ["DistributedError", "PipelineConfig", "StagePlan", "VJP_SUFFIX", "build_pipeline", "check_supported"]

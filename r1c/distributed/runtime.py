@@ -1,0 +1,131 @@
+"""The stage executor: rank k runs pipeline stage k of the training step on the reference interpreter.
+
+One step, for a batch split into M equal micro-batches (every rank draws the same batch from the same seeded
+sampler, so only activations and cotangents travel):
+- the rank follows its order from `pipeline_schedule.stage_orders` (GPipe: all forwards, then all backwards in
+  reverse; 1F1B: warm-up forwards, then one forward / one backward);
+- F(m): receive stage k-1's results for micro-batch m (rank 0: none), run `@loss.stage<k>`, send the results to
+  rank k+1 and keep what it received until B(m);
+- B(m): receive the cotangents of its results from rank k+1 (the last rank seeds its loss with kept_m / kept:
+  the batch loss is the kept-token-weighted mean of the micro-batch losses, exactly), run `@loss.stage<k>.vjp`,
+  add the parameter gradients to the step's sums and send the received values' cotangents to rank k-1;
+- one all-reduce carries the squared gradient norm of every rank (clipping is by the global norm) and the loss;
+- `@loss.stage<k>.update` applies clipping, the schedule and AdamW/SGD to the rank's own parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from r1c.distributed.comm import BACKWARD, FORWARD, Channel
+from r1c.distributed.program import DistributedError, PipelineConfig, StagePlan, loss_ignore_index
+from r1c.ir.core import Function, Module
+from r1c.ir.interpreter import bind_dims, run_function
+from r1c.ir.ops.optim import lr_at
+from r1c.passes.pipeline_schedule import stage_orders
+from r1c.train.config import TrainConfig
+from r1c.train.runtime import StepResult
+
+
+@dataclass
+class StepGradients:
+    """The accumulated (unclipped) gradients of the rank's parameters from the last step, by name."""
+
+    loss: float
+    grads: dict[str, np.ndarray]
+
+
+class StageRunner:
+    def __init__(
+        self,
+        module: Module,
+        plans: list[StagePlan],
+        cfg: TrainConfig,
+        pc: PipelineConfig,
+        rank: int,
+        channel: Channel,
+        state: dict[str, np.ndarray],
+        step: int = 0,
+    ) -> None:
+        self.module, self.cfg, self.pc, self.rank, self.channel = module, cfg, pc, rank, channel
+        self.plan, self.plans = plans[rank], plans
+        self.last = rank == len(plans) - 1
+        self.ignore_index = loss_ignore_index(module)
+        self.loss_args = [a.name for a in module.functions["loss"].args]
+        self.order = stage_orders(pc.schedule, pc.stages, pc.micro_batches, training=True)[rank]
+        self.state = {n: state[n] for n in self.plan.state}  # only this stage's tensors
+        self.step = step
+        self.last_grads: StepGradients | None = None
+        self.crash_now = False  # fault injection (tests): exit abruptly after this step's first forward
+
+    def _specs(self, f: Function, env: dict[str, int]) -> list[tuple[tuple[int, ...], np.dtype]]:
+        return [(r.type.concrete(env), r.type.dtype.numpy) for r in f.results]
+
+    def run_step(self, tokens: np.ndarray, labels: np.ndarray) -> StepResult:
+        plan, ch, m_count = self.plan, self.channel, self.pc.micro_batches
+        b = tokens.shape[0] // m_count
+        batch = dict(zip(self.loss_args, (tokens, labels)))
+        kept = [int(np.sum(labels[i * b : (i + 1) * b] != self.ignore_index)) for i in range(m_count)]
+        if sum(kept) == 0:
+            raise DistributedError("every label of the batch is ignore_index: the loss is undefined")
+        env = {"B": b, "S": tokens.shape[1]}
+        prev = self.plans[self.rank - 1].forward if self.rank else None
+        saved: dict[int, list[np.ndarray]] = {}
+        grads: list[np.ndarray] | None = None
+        loss = 0.0
+        for kind, m in self.order:
+            if kind == "F":
+                args = self._forward_args(batch, m, b, env, prev)
+                outs = run_function(self.module, plan.forward, args, self.state)
+                saved[m] = args
+                if self.last:
+                    loss += float(outs[0]) * kept[m] / sum(kept)  # float64: the weighted mean of the losses
+                else:
+                    ch.send(outs, self.rank + 1, FORWARD, m)
+                if self.crash_now:
+                    ch.flush()
+                    os._exit(17)  # like a crash or an OOM kill: no cleanup, sockets close with the process
+            else:
+                args = saved.pop(m)
+                if self.last:
+                    cots = [np.float32(kept[m] / sum(kept))]
+                else:
+                    floats = [r for r in plan.forward.results if r.type.dtype.is_float]
+                    env_m = bind_dims(plan.forward, args)
+                    specs = [(r.type.concrete(env_m), r.type.dtype.numpy) for r in floats]
+                    cots = ch.recv(specs, self.rank + 1, BACKWARD, m)
+                outs = run_function(self.module, plan.vjp, args + cots, self.state)
+                n = plan.n_received_float
+                if self.rank:
+                    ch.send(outs[:n], self.rank - 1, BACKWARD, m)
+                step_grads = outs[n:]
+                grads = step_grads if grads is None else [g + d for g, d in zip(grads, step_grads)]
+        ch.flush()
+        by_name = dict(zip(plan.grad_params, grads or []))
+        sq = sum(float(np.sum(np.square(by_name[n].astype(np.float64)))) for n in plan.trainable)
+        total_sq, total_loss = ch.all_reduce_sum(np.array([sq, loss]), "the gradient-norm and loss all-reduce")
+        norm = math.sqrt(total_sq)
+        self.last_grads = StepGradients(float(np.float32(total_loss)), by_name)
+        self.step += 1
+        if plan.update is not None:
+            new = run_function(
+                self.module,
+                plan.update,
+                [np.int32(self.step), np.float32(norm), *(by_name[n] for n in plan.trainable)],
+                self.state,
+            )
+            self.state.update(zip(plan.state, new))  # the update returns (param, optimizer state...) per param
+        lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup, self.cfg.steps, self.cfg.min_lr, self.cfg.schedule)
+        return StepResult(self.step, float(np.float32(total_loss)), lr, float(np.float32(norm)), int(tokens.size))
+
+    def _forward_args(
+        self, batch: dict[str, np.ndarray], m: int, b: int, env: dict[str, int], prev: Function | None
+    ) -> list[np.ndarray]:
+        original = {n: batch[n][m * b : (m + 1) * b] for n in self.plan.inputs}
+        received = self.channel.recv(self._specs(prev, env), self.rank - 1, FORWARD, m) if prev else []
+        by_name = {**original, **dict(zip(self.plan.received, received))}
+        return [by_name[a.name] for a in self.plan.forward.args]

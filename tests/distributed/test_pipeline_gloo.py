@@ -1,0 +1,211 @@
+"""Pipeline-parallel training of r1-tiny on gloo (CPU processes) against the single-process trainer.
+
+Each rank owns one stage; after one step the loss and every parameter gradient, and after two optimizer steps every
+parameter and optimizer-state tensor, equal the single-process run's within 1e-5 (f32). A rank that dies stops
+every other rank with an error naming the failed transfer. Per-stage checkpoints resume at another stage count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import r1c
+from r1c.distributed.launch import RankOutcome, TrainSpec, spawn_training
+from r1c.distributed.program import DistributedError, PipelineConfig, build_pipeline
+from r1c.ir import run
+from r1c.train.config import TrainConfig
+from r1c.train.data import Batches, load_tokens
+from r1c.train.runtime import Trainer, initial_state
+from r1c.train.step import build_train_step
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "examples/r1-tiny.r1"
+CORPUS = ROOT / "examples/data/tiny-corpus.txt"
+TOL = 1e-5
+TIMEOUT_S = 30.0  # gloo's per-transfer timeout in these tests; a dead peer is normally seen at once
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[r1c.ir.Module, TrainConfig, np.ndarray]:
+    base = r1c.load(TINY)
+    # batch 4 = 2 micro-batches of 2; clipping (train.clip = 1.0) is active: the gradient norm is about 5.
+    cfg = TrainConfig.from_attrs(base.attrs, batch=4, seq=8, steps=2)
+    return base, cfg, load_tokens(CORPUS, 512)
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> dict:
+    """The single-process run: first-step loss and gradients (@loss_grad), state after two @train_step steps."""
+    base, cfg, tokens = setup
+    module = build_train_step(base, cfg)
+    state = initial_state(base, module, cfg.seed)
+    tk, lb = Batches(tokens, cfg.batch, cfg.seq, cfg.seed).next()
+    loss, *grads = run(module, [tk, lb], state, function="loss_grad")
+    trainer = Trainer(module, dict(state), Batches(tokens, cfg.batch, cfg.seq, cfg.seed))
+    history = [trainer.run_step(), trainer.run_step()]
+    return {
+        "loss": float(loss),
+        "grads": dict(zip(module.attrs["grad_params.loss"], grads)),
+        "state": trainer.state,
+        "losses": [r.loss for r in history],
+        "norms": [r.grad_norm for r in history],
+    }
+
+
+def _ok(outcomes: list[RankOutcome]) -> list:
+    failed = [f"rank {o.rank}: {o.error}" for o in outcomes if not o.ok]
+    assert not failed, "\n".join(failed)
+    return [o.result for o in outcomes]
+
+
+def _check_against_reference(results: list, reference: dict, stages: int) -> None:
+    # Every parameter's gradient comes from exactly one rank.
+    names = [n for r in results for n in r.first_grads]
+    assert len(names) == len(set(names)) and set(names) == set(reference["grads"])
+    for r in results:
+        assert abs(r.first_loss - reference["loss"]) <= TOL
+        for name, g in r.first_grads.items():
+            err = float(np.max(np.abs(g - reference["grads"][name])))
+            assert err <= TOL, f"{stages} stages: gradient of {name} differs by {err}"
+        assert [h.loss for h in r.history] == pytest.approx(reference["losses"], abs=TOL)
+        assert [h.grad_norm for h in r.history] == pytest.approx(reference["norms"], rel=TOL)
+    # After two optimizer steps: every parameter and AdamW moment, each owned by exactly one rank.
+    owned = [n for r in results for n in r.state]
+    assert len(owned) == len(set(owned)) and set(owned) == set(reference["state"])
+    for r in results:
+        for name, value in r.state.items():
+            err = float(np.max(np.abs(value - reference["state"][name])))
+            assert err <= TOL, f"{stages} stages: {name} after 2 steps differs by {err}"
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(setup, tmp_path_factory) -> tuple[list, Path]:
+    """2 ranks, 1F1B over 4 micro-batches of 1 sequence (stage 0 runs F0 F1 B0 F2 B1 F3 B2 B3); saves per-stage
+    checkpoints after step 1 (for the resume test)."""
+    base, cfg, tokens = setup
+    out = tmp_path_factory.mktemp("pp2")
+    spec = TrainSpec(str(TINY), cfg, PipelineConfig(2, 4, "1f1b", TIMEOUT_S), tokens, out=str(out), save_every=1)
+    return _ok(spawn_training(replace(spec, keep_grads=True))), out
+
+
+def test_two_stages_1f1b_match_single_process(two_stage_run, reference) -> None:
+    results, _ = two_stage_run
+    _check_against_reference(results, reference, 2)
+
+
+def test_four_stages_gpipe_match_single_process(setup, reference) -> None:
+    base, cfg, tokens = setup
+    spec = TrainSpec(str(TINY), cfg, PipelineConfig(4, 2, "gpipe", TIMEOUT_S), tokens, keep_grads=True)
+    _check_against_reference(_ok(spawn_training(spec)), reference, 4)
+
+
+def test_checkpoint_from_two_stages_resumes_on_four(two_stage_run, setup, reference) -> None:
+    """Step 1 trained on 2 stages, step 2 on 4 stages from its per-stage checkpoint: the single-process result."""
+    (_, out), (_, cfg, tokens) = two_stage_run, setup
+    ckpt = out / "checkpoint-1"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "stage-0.safetensors", "stage-1.safetensors"]
+    spec = TrainSpec(str(TINY), cfg, PipelineConfig(4, 1, "gpipe", TIMEOUT_S), tokens, resume=str(ckpt))
+    results = _ok(spawn_training(spec))
+    for r in results:
+        assert [h.step for h in r.history] == [1, 2]  # the history travels with the checkpoint
+        assert [h.loss for h in r.history] == pytest.approx(reference["losses"], abs=TOL)
+    merged = {n: v for r in results for n, v in r.state.items()}
+    assert set(merged) == set(reference["state"])
+    worst = max(float(np.max(np.abs(v - reference["state"][n]))) for n, v in merged.items())
+    assert worst <= TOL
+
+
+def test_killed_rank_stops_every_rank(setup) -> None:
+    """Rank 1 of 4 exits abruptly (no cleanup) in step 2: every other rank stops with a PeerError, well within the
+    timeout, and no process is left running."""
+    base, cfg, tokens = setup
+    spec = TrainSpec(str(TINY), cfg, PipelineConfig(4, 2, "1f1b", TIMEOUT_S), tokens, crash_at=(1, 2))
+    outcomes = spawn_training(spec)
+    assert not outcomes[1].ok and outcomes[1].error == "died with exit code 17"
+    for o in outcomes[:1] + outcomes[2:]:
+        assert not o.ok, f"rank {o.rank} did not notice that rank 1 died"
+        assert o.error.startswith(f"PeerError: rank {o.rank}: ") and "failed (a rank died" in o.error, o.error
+        assert o.seconds < outcomes[1].seconds + TIMEOUT_S
+    # Ranks next to the dead one name it; rank 3 names rank 2, which stopped because of it.
+    assert "with rank 1 failed" in outcomes[0].error and "with rank 1 failed" in outcomes[2].error
+    assert "with rank 2 failed" in outcomes[3].error
+
+
+def test_unsupported_options_are_errors(setup) -> None:
+    base, cfg, _ = setup
+    for change, words in (
+        ({"lora_rank": 4}, "LoRA"),
+        ({"precision": "bf16"}, "bf16"),
+        ({"bias_gamma": 0.01}, "balancing-bias"),
+        ({"aux_loss_alpha": 0.01}, "expert balance loss"),
+        ({"recompute": "layer"}, "recompute=layer"),
+    ):
+        with pytest.raises(DistributedError, match=words):
+            build_pipeline(base, cfg.replace(**change), PipelineConfig(2, 2))
+    with pytest.raises(DistributedError, match="multiple of --micro-batches"):
+        build_pipeline(base, cfg, PipelineConfig(2, 3))
+    with pytest.raises(DistributedError, match="at least 2 stages"):
+        PipelineConfig(1)
+    with pytest.raises(DistributedError, match="schedule"):
+        PipelineConfig(2, 2, "interleaved")
+
+
+def test_cli_pipeline_needs_torchrun(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    args = [sys.executable, "-m", "r1c.cli", "train", str(TINY), "--data", str(CORPUS), "--out", str(tmp_path)]
+    p = subprocess.run([*args, "--pipeline", "2"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1 and "torchrun --nproc-per-node S" in p.stderr, p.stderr
+    p = subprocess.run([*args, "--pipeline", "2", "--lora-rank", "4"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "does not support LoRA" in p.stderr, p.stderr
+    p = subprocess.run([*args, "--micro-batches", "2"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "apply to --pipeline training only" in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_cli_under_torchrun_matches_single_process(tmp_path) -> None:
+    """`torchrun --nproc-per-node 2 r1c train --pipeline 2` and plain `r1c train`: the same losses, step by step."""
+    common = [str(TINY), "--data", str(CORPUS), "--steps", "2", "--batch", "2", "--seq", "8"]
+    single = subprocess.run(
+        [sys.executable, "-m", "r1c.cli", "train", *common, "--out", str(tmp_path / "single")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    pipe = subprocess.run(
+        ["torchrun", "--nproc-per-node", "2", "-m", "r1c.cli", "train", *common, "--pipeline", "2",
+         "--micro-batches", "2", "--schedule", "1f1b", "--timeout", "60", "--out", str(tmp_path / "pipe")],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert pipe.returncode == 0, pipe.stderr[-3000:]
+    assert "trained with 2 pipeline stages (1f1b, 2 micro-batches)" in pipe.stdout
+    a = json.loads((tmp_path / "single/losses.json").read_text())
+    b = json.loads((tmp_path / "pipe/losses.json").read_text())
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=TOL)
+    assert sorted(p.name for p in (tmp_path / "pipe/checkpoint").iterdir()) == [
+        "manifest.json",
+        "stage-0.safetensors",
+        "stage-1.safetensors",
+    ]
+
+
+def test_program_is_ir_that_round_trips(setup) -> None:
+    """The stage, VJP and update functions are ordinary IR: they verify and print/parse back to the same text."""
+    from r1c.ir.parser import parse_module
+    from r1c.ir.printer import print_module
+
+    base, cfg, _ = setup
+    module, plans = build_pipeline(base, cfg, PipelineConfig(4, 2))
+    text = print_module(module)
+    assert print_module(parse_module(text)) == text
+    for k, plan in enumerate(plans):
+        assert plan.vjp.name == f"loss.stage{k}.vjp" and plan.update.name == f"loss.stage{k}.update"
+        assert len(plan.vjp.results) == plan.n_received_float + len(plan.grad_params)
+    assert plans[0].received == () and plans[0].inputs == ("tokens",) and plans[-1].inputs == ("labels",)
