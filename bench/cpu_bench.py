@@ -5,8 +5,9 @@ torch.compile (Inductor) run HF transformers' DeepseekV3/V2 models built from th
 r1c runs three ways: the symbolic-shape build (one library for every B and S), the static-shape build
 (`--shapes B=1,S=128`) with default schedules only, and the static build with the MetaSchedule records of
 `r1c tune` (run first, --tune-trials; 0 uses what the database already has). This VM's speed drifts (up to 2x
-from one minute to the next), so contenders are timed interleaved: rounds of one call each, medians per
-contender; untuned vs tuned in one set of rounds, tuned r1c vs torch eager vs torch.compile in another.
+from one minute to the next), so contenders are timed interleaved: rounds of a ~50 ms block of calls each (the
+first two of a block dropped: the other runtime's threads are still spinning), medians per contender; untuned vs
+tuned in one set of rounds, tuned r1c vs torch eager vs torch.compile in another.
 
     python bench/cpu_bench.py --tune-trials 64     # writes bench/results/cpu.json (or --out)
 """
@@ -36,17 +37,30 @@ ROOT = Path(__file__).parents[1]
 V2_BLOCK = {"num_layers": 1, "first_k_dense": 0}
 
 
+BLOCK_S = 0.05  # seconds of calls per contender per round
+
+
 def interleaved_ms(fns: dict[str, Callable[[], Any]], rounds: int, budget_s: float) -> dict[str, float]:
-    """Median milliseconds per contender over rounds of one call each (after one warm-up call each)."""
-    for fn in fns.values():
+    """Median milliseconds per contender over interleaved rounds. Each round runs a block of calls per contender
+    (about BLOCK_S, at least 3) and keeps the median of all but the block's first two: the thread pools of torch
+    (OpenMP) and TVM spin for a while after a call, so the first calls after the other runtime's share the cores
+    with its spinning threads (with one call per round that cost r1c up to 4x on r1-tiny)."""
+    blocks = {}
+    for k, fn in fns.items():  # warm-up, and the block size from one call
         fn()
+        t0 = time.perf_counter()
+        fn()
+        blocks[k] = max(3, int(BLOCK_S / max(time.perf_counter() - t0, 1e-6)) + 2)
     times: dict[str, list[float]] = {k: [] for k in fns}
     t_end = time.perf_counter() + budget_s
     while len(times[next(iter(fns))]) < rounds and (time.perf_counter() < t_end or not times[next(iter(fns))]):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            block = []
+            for _ in range(blocks[k]):
+                t0 = time.perf_counter()
+                fn()
+                block.append(time.perf_counter() - t0)
+            times[k].append(float(np.median(block[2:])))
     return {k: float(np.median(v) * 1e3) for k, v in times.items()} | {"rounds": len(times[next(iter(fns))])}
 
 
@@ -60,7 +74,7 @@ def tune_model(module, shapes: dict, trials: int) -> dict:
     mod, plan, _ = build_relax(module, {"shapes": shapes}, "cpu")
     t0 = time.time()
     report = tune.tune(mod, tvm.target.Target(plan["target"]), tune.default_dir(plan["target"]), trials)
-    kernels = report["kernels"].values()
+    kernels = [report["kernels"][name] for name in report["this_model"]]
     return {"trials": trials, "seconds": time.time() - t0, "kernels_tuned": len(kernels),
             "records_kept": sum(k["hash"] not in report["rejected"] for k in kernels),
             "kernel_ms_default": sum(k["default_ms"] * k["calls"] for k in kernels),

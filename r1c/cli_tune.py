@@ -79,7 +79,8 @@ def run_tune(args: argparse.Namespace) -> int:
     table = Table(title="default schedule vs tuned (ms per call)")
     for col in ("kernel", "calls", "default", "tuned", "speedup", "used"):
         table.add_column(col, justify="left" if col == "kernel" else "right")
-    for name, k in sorted(report["kernels"].items(), key=lambda kv: -kv[1]["default_ms"] * kv[1]["calls"]):
+    mine = {name: report["kernels"][name] for name in report["this_model"]}  # not other models' in the database
+    for name, k in sorted(mine.items(), key=lambda kv: -kv[1]["default_ms"] * kv[1]["calls"]):
         used = "yes" if k["hash"] not in report["rejected"] else "no (default faster)"
         table.add_row(name[:60], str(k["calls"]), f"{k['default_ms']:.3f}", f"{k['tuned_ms']:.3f}",
                       f"{k['default_ms'] / k['tuned_ms']:.2f}x", used)  # fmt: skip

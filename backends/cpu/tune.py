@@ -171,6 +171,7 @@ def _compare(tasks: list, target: tvm.target.Target, work_dir: str) -> dict:
     db = open_database(work_dir)
     report = _report(work_dir)  # other models' kernels tuned into the same database stay
     kernels, rejected = report.get("kernels", {}), set(report.get("rejected", []))
+    compared = []
     for t in tasks:
         func = t.dispatched[0]["main"]
         with target:
@@ -181,13 +182,14 @@ def _compare(tasks: list, target: tvm.target.Target, work_dir: str) -> dict:
         tuned_ms = time_kernel(sch.mod["main"], target, np.random.default_rng(0))
         key = str(tvm_ffi.structural_hash(func))
         kernels[t.task_name] = {"default_ms": default_ms, "tuned_ms": tuned_ms, "calls": t.weight, "hash": key}
+        compared.append(t.task_name)
         if tuned_ms >= default_ms:
             rejected.add(key)
         else:
             rejected.discard(key)
     report = {"kernels": kernels, "rejected": sorted(rejected)}
     (Path(work_dir) / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return report | {"this_model": compared}  # the database's report spans every model tuned into it
 
 
 def time_kernel(func: tir.PrimFunc, target: tvm.target.Target, rng: Any, repeat: int = 5) -> float:
