@@ -1,4 +1,5 @@
-"""`r1c compile` (model -> artifact directory) and `r1c run` (artifact + token ids -> next-token logits)."""
+"""`r1c compile` (model -> artifact directory) and `r1c run` (artifact + token ids -> next-token logits, in one
+process or pipelined over S processes with `--pipeline S`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import numpy as np
 from rich.table import Table
 
 from r1c.api import InputError, load_weights
+from r1c.artifact import Artifact
 from r1c.cli_common import add_set_flag, console, load_model
 from r1c.cli_tune import add_shape_flags, parse_shapes
+from r1c.ir.core import Function
 
 
 def add_compile(sub: argparse._SubParsersAction) -> None:
@@ -108,9 +111,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="run a compiled artifact on token ids",
-        description="Run an artifact on token ids and print the top next-token logits of each row.",
+        description="Run an artifact (or a .r1/.ir model on the reference interpreter) on token ids and print the "
+        "top next-token logits of each row.",
     )
-    p.add_argument("artifact", help="artifact directory written by `r1c compile`")
+    p.add_argument("artifact", help="artifact directory written by `r1c compile`, or a .r1 / .ir model file")
     p.add_argument(
         "--tokens",
         action="append",
@@ -120,6 +124,15 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--top", type=int, default=5, help="how many next-token candidates to show (default: 5)")
     p.add_argument("--output", metavar="FILE.npy", help="save the logits [B, S, V] to a .npy file")
+    add_set_flag(p)
+    p.add_argument("--seed", type=int, help="model file: seed for initializing weights (default: 0)")
+    p.add_argument("--weights", metavar="FILE", help="model file: load weights from a .safetensors file")
+    p.add_argument(
+        "--pipeline", type=int, metavar="S", help="pipelined over S stages (one process per stage, gloo, reference "
+        "interpreter): start with `torchrun --nproc-per-node S r1c run ...`; see docs/distributed.md",
+    )  # fmt: skip
+    p.add_argument("--micro-batches", type=int, metavar="M", help="with --pipeline: micro-batches (1); divides B")
+    p.add_argument("--timeout", type=float, metavar="SEC", help="with --pipeline: gloo timeout in seconds (300)")
     p.set_defaults(run=run_run)
 
 
@@ -144,27 +157,45 @@ def parse_tokens(rows: list[str]) -> np.ndarray:
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from r1c.artifact import load
+    from r1c.cli_common import parse_sets
+    from r1c.distributed.inference import load_source
+    from r1c.distributed.program import DistributedError
 
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")
     if args.output and not args.output.endswith(".npy"):
         raise InputError(f"--output {args.output}: logits are saved as .npy; use a name ending in .npy")
-    art = load(args.artifact)
+    if args.pipeline is None and (args.micro_batches is not None or args.timeout is not None):
+        raise InputError("--micro-batches and --timeout apply to --pipeline runs only")
+    art = load_source(args.artifact, parse_sets(args.sets), args.seed, args.weights)
     f = art.module.functions[art.entry]
     if len(f.args) != 1 or f.args[0].type.dtype.is_float or f.args[0].type.rank != 2:
         sig = ", ".join(f"%{a.name}: {a.type}" for a in f.args)
         raise InputError(f"r1c run feeds one token tensor [B, S]; @{f.name} takes ({sig})")
     tokens = parse_tokens(args.tokens)
-    outputs = art.run([tokens])
-    logits = np.asarray(outputs[0])
+    if args.pipeline is not None:
+        from r1c.distributed.cli import run_pipeline_infer
+
+        try:
+            outputs = run_pipeline_infer(args, art, tokens)
+        except DistributedError as e:
+            raise InputError(str(e)) from None
+        if outputs is None:  # not the last stage: the last rank prints
+            return 0
+    else:
+        outputs = art.run([tokens])
+    return print_logits(np.asarray(outputs[0]), f, art, args.top, args.output)
+
+
+def print_logits(logits: np.ndarray, f: Function, art: Artifact, top: int, output: str | None) -> int:
+    """`r1c run`'s output, the same whether one process or the last pipeline stage computed the logits."""
     if logits.ndim != 3:
         raise InputError(f"@{f.name} returns {f.results[0].type}; r1c run expects logits [B, S, V]")
-    if args.output:
-        np.save(args.output, logits.astype(np.float32))
-        print(f"saved logits {list(logits.shape)} to {Path(args.output)}")
+    if output:
+        np.save(output, logits.astype(np.float32))
+        print(f"saved logits {list(logits.shape)} to {Path(output)}")
         return 0
-    k = min(args.top, logits.shape[-1])
+    k = min(top, logits.shape[-1])
     out = console()
     out.print(f"top-{k} next tokens after the last position of each row ({art.module.name}, target {art.target}):")
     table = Table()

@@ -46,6 +46,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batches", type=int, metavar="M", help="with --pipeline: micro-batches per step (1)")
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), help="with --pipeline: the schedule (gpipe)")
     p.add_argument("--timeout", type=float, metavar="SEC", help="with --pipeline: gloo timeout in seconds (300)")
+    p.add_argument(
+        "--data-parallel", type=int, metavar="R", help="with --pipeline: R pipeline replicas, each on 1/R of the "
+        "batch, gradients all-reduced per stage (S * R processes; default 1)",
+    )  # fmt: skip
     add_set_flag(p)
     p.set_defaults(run=run_train)
 
@@ -74,8 +78,10 @@ def run_train(args: argparse.Namespace) -> int:
             from r1c.distributed.cli import run_pipeline_train
 
             return run_pipeline_train(args, cfg, tokens)
-        if any(x is not None for x in (args.micro_batches, args.schedule, args.timeout)):
-            raise InputError("--micro-batches, --schedule and --timeout apply to --pipeline training only")
+        if any(x is not None for x in (args.micro_batches, args.schedule, args.timeout, args.data_parallel)):
+            raise InputError(
+                "--micro-batches, --schedule, --timeout and --data-parallel apply to --pipeline training only"
+            )
         trainer = Trainer.create(base, cfg, tokens)
         if args.resume:
             trainer.restore(args.resume)

@@ -1,4 +1,5 @@
-"""`r1c train MODEL --pipeline S`: this process is one rank of a `torchrun --nproc-per-node S` job."""
+"""`r1c train MODEL --pipeline S` and `r1c run ARTIFACT --pipeline S`: this process is one rank of a
+`torchrun --nproc-per-node S` job."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from r1c.artifact import Artifact
 from r1c.train.config import TrainConfig
 from r1c.train.runtime import StepResult
 
@@ -28,6 +30,7 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
         args.micro_batches if args.micro_batches is not None else 1,
         args.schedule or "gpipe",
         args.timeout if args.timeout is not None else 300.0,
+        args.data_parallel if args.data_parallel is not None else 1,
     )
     check_supported(cfg, pc)  # before joining the job: a bad option fails at once on every rank
     if args.resume and not Path(args.resume).is_dir():
@@ -67,11 +70,45 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
         )
         plot_losses([r.step for r in hist], [r.loss for r in hist], out / "loss.png", f"{args.model} training loss")
         print(
-            f"trained with {pc.stages} pipeline stages ({pc.schedule}, {pc.micro_batches} micro-batches) to step "
+            f"trained with {pc.stages} pipeline stages ({pc.schedule}, {pc.micro_batches} micro-batches"
+            + (f", {pc.data_parallel} data-parallel replicas" if pc.data_parallel > 1 else "")
+            + ") to step "
             f"{hist[-1].step}: loss {hist[0].loss:.4f} -> {hist[-1].loss:.4f}; checkpoint {out / 'checkpoint'}"
         )
     dist.destroy_process_group()
     return 0
+
+
+def run_pipeline_infer(args: argparse.Namespace, art: Artifact, tokens: np.ndarray) -> list[np.ndarray] | None:
+    """This rank's part of the pipelined forward; the last rank returns the entry function's results, the others
+    None (they print nothing: the last rank prints what `r1c run` prints)."""
+    import torch.distributed as dist
+
+    from r1c.distributed.comm import PeerError
+    from r1c.distributed.inference import build_inference, check_runnable, run_stage
+    from r1c.distributed.launch import init_from_env
+    from r1c.distributed.program import DistributedError, PipelineConfig
+
+    pc = PipelineConfig(
+        args.pipeline,
+        args.micro_batches if args.micro_batches is not None else 1,
+        "gpipe",  # forward only: both schedules are the same stream of forwards
+        args.timeout if args.timeout is not None else 300.0,
+    )
+    # Before joining the job: a bad option or a partition that cannot be made (more stages than layers) fails at
+    # once on every rank, without a transfer.
+    check_runnable(art, tokens, pc)
+    built = build_inference(art.module, art.entry, pc, tokens.shape[0], tokens.shape[1])
+    rank, world = init_from_env(pc.timeout_s, "run")
+    try:
+        outputs = run_stage(rank, world, art, tokens, pc, built)
+    except (PeerError, DistributedError) as e:
+        print(f"r1c: error: rank {rank}: {e}" if not str(e).startswith("rank") else f"r1c: error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)  # as in training: no gloo teardown that could wait on a dead peer
+    dist.destroy_process_group()
+    return outputs
 
 
 def _overrides(sets: list[str] | None) -> dict:

@@ -72,10 +72,11 @@ class Channel:
             except RuntimeError as e:
                 raise self._fail(what, dst, e) from None
 
-    def all_reduce_sum(self, values: np.ndarray, what: str) -> np.ndarray:
+    def all_reduce_sum(self, values: np.ndarray, what: str, group: dist.ProcessGroup | None = None) -> np.ndarray:
+        """The float64 sum over every rank (or over `group`'s ranks: the replicas of one stage)."""
         t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64).copy())
         try:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         except RuntimeError as e:
             raise self._fail(what, None, e) from None
         return t.numpy()

@@ -1,5 +1,5 @@
-"""Starting pipeline training: one process per stage, under `torchrun` (`init_from_env`) or spawned by `spawn` on
-a free loopback port (tests, notebooks), each running `train_rank`.
+"""Starting pipeline training and pipelined inference: one process per stage, under `torchrun` (`init_from_env`) or
+spawned by `spawn` on a free loopback port (tests, notebooks), each running `train_rank` (or `infer_rank`).
 
 Failure handling: every rank uses gloo with `PipelineConfig.timeout_s`; a rank whose peer dies gets a `PeerError`
 (at once when the peer's sockets close, at the latest after the timeout) and stops, which closes its own sockets
@@ -65,21 +65,24 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
     from r1c.train.runtime import initial_state
 
     cfg, pc = spec.cfg, spec.pipeline
-    if world != pc.stages:
-        raise DistributedError(f"--pipeline {pc.stages} needs {pc.stages} processes, the job has {world}")
+    if world != pc.world:
+        dp = f" --data-parallel {pc.data_parallel}" if pc.data_parallel > 1 else ""
+        raise DistributedError(f"--pipeline {pc.stages}{dp} needs {pc.world} processes, the job has {world}")
+    replica, stage = divmod(rank, pc.stages)  # replica r holds global ranks r*S .. r*S + S-1
+    dp_group = _replica_groups(pc)[stage] if pc.data_parallel > 1 else None
     base = r1c.load(spec.model, overrides=spec.overrides or None)
     module, plans = build_pipeline(base, cfg, pc)
     data = Batches(spec.tokens, cfg.batch, cfg.seq, cfg.seed)
     channel = Channel(rank, world, pc.timeout_s)
     history: list[StepResult] = []
     if spec.resume:
-        state, manifest = ckpt.load_tensors(spec.resume, list(plans[rank].state))
+        state, manifest = ckpt.load_tensors(spec.resume, list(plans[stage].state))
         step = int(manifest["step"])
         data.restore(manifest["data"])
         history = [StepResult(int(s), loss, lr, norm, int(n)) for s, loss, lr, norm, n in manifest["history"]]
     else:
         state, step = initial_state(base, module, cfg.seed), 0
-    runner = StageRunner(module, plans, cfg, pc, rank, channel, state, step)
+    runner = StageRunner(module, plans, cfg, pc, stage, channel, state, step, replica, dp_group)
     if runner.step >= cfg.steps:
         raise DistributedError(f"the checkpoint is at step {runner.step}; ask for more --steps than that to continue")
     result = RankResult(rank, history, {})
@@ -95,12 +98,14 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
         last = runner.step == cfg.steps
         if spec.out and (last or (spec.save_every and runner.step % spec.save_every == 0)):
             directory = Path(spec.out) / ("checkpoint" if last else f"checkpoint-{runner.step}")
-            _save(directory, runner, plans, data, history, channel)
+            _save(directory, runner, plans, data, history, channel, rank)
     result.history, result.state = history, runner.state
     return result
 
 
-def _save(directory: Path, runner: Any, plans: list, data: Any, history: list[StepResult], channel: Any) -> None:
+def _save(
+    directory: Path, runner: Any, plans: list, data: Any, history: list[StepResult], channel: Any, rank: int
+) -> None:
     from r1c.distributed import checkpoint as ckpt
 
     meta = {
@@ -108,24 +113,36 @@ def _save(directory: Path, runner: Any, plans: list, data: Any, history: list[St
         "data": data.state(),
         "history": [[r.step, r.loss, r.lr, r.grad_norm, r.tokens] for r in history],
     }
-    ckpt.save_stage(directory, runner.rank, runner.state, meta)
+    if runner.replica == 0:  # the replicas hold the same state: replica 0 writes it, in the pipeline format
+        ckpt.save_stage(directory, runner.rank, runner.state, meta)
     # Barrier (an all-reduce every rank joins): the manifest is written only once every stage file exists.
     channel.all_reduce_sum(np.zeros(1), f"the checkpoint barrier of {directory}")
-    if runner.rank == 0:
+    if rank == 0:
         ckpt.save_manifest(directory, [list(p.state) for p in plans], meta)
 
 
 # ---- process groups ----
 
 
-def init_from_env(timeout_s: float) -> tuple[int, int]:
+def _replica_groups(pc: PipelineConfig) -> list[Any]:
+    """Per stage, the gloo group of that stage in every replica (its gradient all-reduce). Every rank creates
+    every group, in the same order, as torch.distributed requires."""
+    import torch.distributed as dist
+
+    return [
+        dist.new_group([r * pc.stages + k for r in range(pc.data_parallel)], timeout=timedelta(seconds=pc.timeout_s))
+        for k in range(pc.stages)
+    ]
+
+
+def init_from_env(timeout_s: float, command: str = "train") -> tuple[int, int]:
     """Join the job `torchrun` started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); returns (rank, world)."""
     import torch.distributed as dist
 
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise DistributedError(
-            f"--pipeline runs one process per stage: start it with `torchrun --nproc-per-node S r1c train ...` "
+            f"--pipeline runs one process per stage: start it with `torchrun --nproc-per-node S r1c {command} ...` "
             f"(the environment has no {', '.join(missing)})"
         )
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
@@ -231,6 +248,15 @@ def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 60.0) -
 
 
 def spawn_training(spec: TrainSpec, timeout_s: float | None = None) -> list[RankOutcome]:
-    """`train_rank` on `spec.pipeline.stages` spawned processes."""
+    """`train_rank` on `spec.pipeline.world` (stages * data-parallel replicas) spawned processes."""
     t = spec.pipeline.timeout_s if timeout_s is None else timeout_s
-    return spawn(train_rank, spec.pipeline.stages, (spec,), t)
+    return spawn(train_rank, spec.pipeline.world, (spec,), t)
+
+
+def spawn_inference(spec: Any, timeout_s: float | None = None) -> list[RankOutcome]:
+    """`r1c.distributed.inference.infer_rank` on `spec.pipeline.stages` spawned processes (a `RunSpec`); the last
+    rank's result is the entry function's results for the whole batch."""
+    from r1c.distributed.inference import infer_rank
+
+    t = spec.pipeline.timeout_s if timeout_s is None else timeout_s
+    return spawn(infer_rank, spec.pipeline.stages, (spec,), t)

@@ -38,8 +38,15 @@ class PipelineConfig:
     micro_batches: int = 1
     schedule: str = "gpipe"
     timeout_s: float = 300.0  # gloo: how long a rank waits for a peer before it stops with an error
+    data_parallel: int = 1  # R pipeline replicas, each on 1/R of the batch: S * R processes
+
+    @property
+    def world(self) -> int:
+        return self.stages * self.data_parallel
 
     def __post_init__(self) -> None:
+        if self.data_parallel < 1:
+            raise DistributedError(f"--data-parallel must be >= 1, got {self.data_parallel}")
         if self.stages < 2:
             raise DistributedError(f"--pipeline needs at least 2 stages, got {self.stages}")
         if self.micro_batches < 1:
@@ -71,10 +78,11 @@ class StagePlan:
 
 def check_supported(cfg: TrainConfig, pc: PipelineConfig) -> None:
     """Options of `r1c train` the pipeline runtime does not implement: a clear error instead of a wrong result."""
-    if cfg.batch % pc.micro_batches:
+    if cfg.batch % (pc.micro_batches * pc.data_parallel):
         raise DistributedError(
-            f"the batch ({cfg.batch}) must be a multiple of --micro-batches ({pc.micro_batches}): "
-            "micro-batches of equal size"
+            f"the batch ({cfg.batch}) must be a multiple of --micro-batches ({pc.micro_batches})"
+            + (f" times --data-parallel ({pc.data_parallel})" if pc.data_parallel > 1 else "")
+            + ": micro-batches of equal size"
         )
     unsupported = {
         "lora_rank": (cfg.lora_rank, 0, "LoRA"),
@@ -114,7 +122,7 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
         base,
         stages=pc.stages,
         function=LOSS,
-        batch=cfg.batch // pc.micro_batches,
+        batch=cfg.batch // (pc.micro_batches * pc.data_parallel),
         seq=cfg.seq,
         micro_batches=pc.micro_batches,
     )
@@ -130,19 +138,10 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
                         f"parameter @{name} is read by stages {owner[name]} and {k} (a tied weight); pipeline "
                         "training needs each parameter on one stage"
                     )
-    original = [a.name for a in base.functions[LOSS].args]
+    io = stage_io(stages, [a.name for a in base.functions[LOSS].args], LOSS)
     plans = []
-    for k, f in enumerate(stages):
-        sent = [r.name for r in stages[k - 1].results] if k else []
-        received = [a for a in f.args if a.name in sent]
-        inputs = tuple(a.name for a in f.args if a.name not in sent)
-        # The partition's contract, which the wire format relies on: stage k-1's results, in order, are stage k's
-        # received arguments; everything else a stage reads is an original input that every rank has.
-        if [a.name for a in received] != sent or not set(inputs) <= set(original):
-            raise DistributedError(
-                f"@{f.name}: its arguments {[a.name for a in f.args]} are not @{LOSS}'s inputs followed by what "
-                f"stage {k - 1} sends ({sent})"
-            )
+    for k, (f, (inputs, received_names)) in enumerate(zip(stages, io)):
+        received = [a for a in f.args if a.name in received_names]
         vjp, grad_names = stage_vjp(module, f, received)
         trainable = [n for n in grad_names if not n.endswith(BALANCE_BIAS)]
         update = _build_update(module, f.name + UPDATE_SUFFIX, cfg, trainable) if trainable else None
@@ -157,6 +156,27 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
             )
         )  # fmt: skip
     return verify(module), plans
+
+
+def stage_io(
+    stages: list[Function], original: list[str], function: str
+) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Per stage: (the original inputs it reads, the arguments stage k-1 sends it, in order).
+
+    The partition's contract, which the wire format relies on: stage k-1's results, in order, are stage k's
+    received arguments; everything else a stage reads is an original input that every rank has."""
+    out = []
+    for k, f in enumerate(stages):
+        sent = [r.name for r in stages[k - 1].results] if k else []
+        received = tuple(a.name for a in f.args if a.name in sent)
+        inputs = tuple(a.name for a in f.args if a.name not in sent)
+        if list(received) != sent or not set(inputs) <= set(original):
+            raise DistributedError(
+                f"@{f.name}: its arguments {[a.name for a in f.args]} are not @{function}'s inputs followed by what "
+                f"stage {k - 1} sends ({sent})"
+            )
+        out.append((inputs, received))
+    return out
 
 
 def _build_update(module: Module, name: str, cfg: TrainConfig, trainable: list[str]) -> Function:
@@ -188,4 +208,12 @@ def _build_update(module: Module, name: str, cfg: TrainConfig, trainable: list[s
     return fb.function
 
 
-__all__ = ["DistributedError", "PipelineConfig", "StagePlan", "VJP_SUFFIX", "build_pipeline", "check_supported"]
+__all__ = [
+    "DistributedError",
+    "PipelineConfig",
+    "StagePlan",
+    "VJP_SUFFIX",
+    "build_pipeline",
+    "check_supported",
+    "stage_io",
+]

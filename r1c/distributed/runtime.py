@@ -50,8 +50,14 @@ class StageRunner:
         channel: Channel,
         state: dict[str, np.ndarray],
         step: int = 0,
+        replica: int = 0,
+        dp_group: object | None = None,
     ) -> None:
+        """`rank` is the stage index; with data parallelism the process's global rank is replica * S + rank (its
+        pipeline neighbours are its replica's), and `dp_group` holds the same stage of every replica."""
         self.module, self.cfg, self.pc, self.rank, self.channel = module, cfg, pc, rank, channel
+        self.replica, self.dp_group = replica, dp_group
+        self.base = replica * pc.stages  # global rank of this replica's stage 0
         self.plan, self.plans = plans[rank], plans
         self.last = rank == len(plans) - 1
         self.ignore_index = loss_ignore_index(module)
@@ -66,12 +72,19 @@ class StageRunner:
         return [(r.type.concrete(env), r.type.dtype.numpy) for r in f.results]
 
     def run_step(self, tokens: np.ndarray, labels: np.ndarray) -> StepResult:
-        plan, ch, m_count = self.plan, self.channel, self.pc.micro_batches
-        b = tokens.shape[0] // m_count
+        plan, ch, m_count, replicas = self.plan, self.channel, self.pc.micro_batches, self.pc.data_parallel
+        # Every rank draws the whole batch; a replica trains on its consecutive share of the rows. Each micro-batch
+        # loss is weighted by its kept tokens over the whole batch's, so the sum over replicas of the summed
+        # gradients is the whole batch's gradient (and the sum of the weighted losses its loss).
+        share = tokens.shape[0] // replicas
+        rows = slice(self.replica * share, (self.replica + 1) * share)
+        total_kept = int(np.sum(labels != self.ignore_index))
+        if total_kept == 0:
+            raise DistributedError("every label of the batch is ignore_index: the loss is undefined")
+        full_tokens, tokens, labels = tokens, tokens[rows], labels[rows]
+        b = share // m_count
         batch = dict(zip(self.loss_args, (tokens, labels)))
         kept = [int(np.sum(labels[i * b : (i + 1) * b] != self.ignore_index)) for i in range(m_count)]
-        if sum(kept) == 0:
-            raise DistributedError("every label of the batch is ignore_index: the loss is undefined")
         env = {"B": b, "S": tokens.shape[1]}
         prev = self.plans[self.rank - 1].forward if self.rank else None
         saved: dict[int, list[np.ndarray]] = {}
@@ -83,30 +96,34 @@ class StageRunner:
                 outs = run_function(self.module, plan.forward, args, self.state)
                 saved[m] = args
                 if self.last:
-                    loss += float(outs[0]) * kept[m] / sum(kept)  # float64: the weighted mean of the losses
+                    loss += float(outs[0]) * kept[m] / total_kept  # float64: the weighted mean of the losses
                 else:
-                    ch.send(outs, self.rank + 1, FORWARD, m)
+                    ch.send(outs, self.base + self.rank + 1, FORWARD, m)
                 if self.crash_now:
                     ch.flush()
                     os._exit(17)  # like a crash or an OOM kill: no cleanup, sockets close with the process
             else:
                 args = saved.pop(m)
                 if self.last:
-                    cots = [np.float32(kept[m] / sum(kept))]
+                    cots = [np.float32(kept[m] / total_kept)]
                 else:
                     floats = [r for r in plan.forward.results if r.type.dtype.is_float]
                     env_m = bind_dims(plan.forward, args)
                     specs = [(r.type.concrete(env_m), r.type.dtype.numpy) for r in floats]
-                    cots = ch.recv(specs, self.rank + 1, BACKWARD, m)
+                    cots = ch.recv(specs, self.base + self.rank + 1, BACKWARD, m)
                 outs = run_function(self.module, plan.vjp, args + cots, self.state)
                 n = plan.n_received_float
                 if self.rank:
-                    ch.send(outs[:n], self.rank - 1, BACKWARD, m)
+                    ch.send(outs[:n], self.base + self.rank - 1, BACKWARD, m)
                 step_grads = outs[n:]
                 grads = step_grads if grads is None else [g + d for g, d in zip(grads, step_grads)]
         ch.flush()
+        if replicas > 1 and grads:
+            grads = self._all_reduce_grads(grads)
         by_name = dict(zip(plan.grad_params, grads or []))
+        # After the all-reduce every replica holds the same gradients: replica 0 alone counts them in the norm.
         sq = sum(float(np.sum(np.square(by_name[n].astype(np.float64)))) for n in plan.trainable)
+        sq = sq if self.replica == 0 else 0.0
         total_sq, total_loss = ch.all_reduce_sum(np.array([sq, loss]), "the gradient-norm and loss all-reduce")
         norm = math.sqrt(total_sq)
         self.last_grads = StepGradients(float(np.float32(total_loss)), by_name)
@@ -120,12 +137,22 @@ class StageRunner:
             )
             self.state.update(zip(plan.state, new))  # the update returns (param, optimizer state...) per param
         lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup, self.cfg.steps, self.cfg.min_lr, self.cfg.schedule)
-        return StepResult(self.step, float(np.float32(total_loss)), lr, float(np.float32(norm)), int(tokens.size))
+        return StepResult(self.step, float(np.float32(total_loss)), lr, float(np.float32(norm)), int(full_tokens.size))
+
+    def _all_reduce_grads(self, grads: list[np.ndarray]) -> list[np.ndarray]:
+        """The sum of this stage's gradients over the replicas (one float64 transfer, rounded once to f32)."""
+        flat = np.concatenate([g.astype(np.float64).ravel() for g in grads])
+        total = self.channel.all_reduce_sum(flat, f"the gradient all-reduce of stage {self.rank}", self.dp_group)
+        out, at = [], 0
+        for g in grads:
+            out.append(total[at : at + g.size].reshape(g.shape).astype(g.dtype))
+            at += g.size
+        return out
 
     def _forward_args(
         self, batch: dict[str, np.ndarray], m: int, b: int, env: dict[str, int], prev: Function | None
     ) -> list[np.ndarray]:
         original = {n: batch[n][m * b : (m + 1) * b] for n in self.plan.inputs}
-        received = self.channel.recv(self._specs(prev, env), self.rank - 1, FORWARD, m) if prev else []
+        received = self.channel.recv(self._specs(prev, env), self.base + self.rank - 1, FORWARD, m) if prev else []
         by_name = {**original, **dict(zip(self.plan.received, received))}
         return [by_name[a.name] for a in self.plan.forward.args]

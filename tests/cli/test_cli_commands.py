@@ -56,6 +56,20 @@ def test_run_saves_logits(cli, tiny_artifact, tmp_path):
     np.testing.assert_allclose(np.load(path), want, rtol=1e-6)
 
 
+def test_run_takes_a_model_file(cli, tiny_ir, tiny_artifact, tmp_path):
+    """`r1c run MODEL.ir --seed 3` runs what `r1c compile --target ref --seed 3` would write; weight options apply to
+    model files only."""
+    res = cli("run", str(tiny_artifact), "--tokens", "7 8 9", "--output", str(tmp_path / "art.npy"))
+    assert res.code == 0, res.err
+    res = cli("run", str(tiny_ir), "--seed", "3", "--tokens", "7 8 9", "--output", str(tmp_path / "model.npy"))
+    assert res.code == 0, res.err
+    np.testing.assert_array_equal(np.load(tmp_path / "model.npy"), np.load(tmp_path / "art.npy"))
+    res = cli("run", str(tiny_ir), "--tokens", "7 8 9", "--output", str(tmp_path / "seed0.npy"))
+    assert res.code == 0 and not np.array_equal(np.load(tmp_path / "seed0.npy"), np.load(tmp_path / "art.npy"))
+    res = cli("run", str(tiny_artifact), "--seed", "3", "--tokens", "7 8 9")
+    assert res.code == 1 and "--set, --seed and --weights apply to a model file" in res.err
+
+
 def test_opt_prints_final_ir_and_instrumentation(cli, tiny_ir, tmp_path):
     res = cli(
         "opt",

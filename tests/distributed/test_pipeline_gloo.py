@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import r1c
-from r1c.distributed.launch import RankOutcome, TrainSpec, spawn_training
+from r1c.distributed.launch import RankOutcome, TrainSpec, spawn_training, train_rank
 from r1c.distributed.program import DistributedError, PipelineConfig, build_pipeline
 from r1c.ir import run
 from r1c.train.config import TrainConfig
@@ -108,6 +108,23 @@ def test_four_stages_gpipe_match_single_process(setup, reference) -> None:
     _check_against_reference(_ok(spawn_training(spec)), reference, 4)
 
 
+def test_data_parallel_replicas_match_single_process(setup, reference, tmp_path) -> None:
+    """2 stages x 2 replicas (4 processes): each replica trains on 2 of the 4 rows in 2 micro-batches and the
+    gradients are all-reduced per stage: the single-process step; both replicas hold the same state, and replica 0
+    writes the usual per-stage checkpoint."""
+    base, cfg, tokens = setup
+    pc = PipelineConfig(2, 2, "1f1b", TIMEOUT_S, data_parallel=2)
+    results = _ok(spawn_training(TrainSpec(str(TINY), cfg, pc, tokens, out=str(tmp_path), keep_grads=True)))
+    files = ["manifest.json", "stage-0.safetensors", "stage-1.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == files
+    _check_against_reference(results[:2], reference, 2)  # replica 0: ranks 0 and 1
+    for first, second in zip(results[:2], results[2:]):  # replica 1 (ranks 2, 3): the same stage, bit for bit
+        assert first.first_grads.keys() == second.first_grads.keys() and first.state.keys() == second.state.keys()
+        for name in first.state:
+            np.testing.assert_array_equal(first.state[name], second.state[name])
+        assert [h.loss for h in first.history] == [h.loss for h in second.history]
+
+
 def test_checkpoint_from_two_stages_resumes_on_four(two_stage_run, setup, reference) -> None:
     """Step 1 trained on 2 stages, step 2 on 4 stages from its per-stage checkpoint: the single-process result."""
     (_, out), (_, cfg, tokens) = two_stage_run, setup
@@ -153,6 +170,12 @@ def test_unsupported_options_are_errors(setup) -> None:
             build_pipeline(base, cfg.replace(**change), PipelineConfig(2, 2))
     with pytest.raises(DistributedError, match="multiple of --micro-batches"):
         build_pipeline(base, cfg, PipelineConfig(2, 3))
+    with pytest.raises(DistributedError, match=r"multiple of --micro-batches \(2\) times --data-parallel \(4\)"):
+        build_pipeline(base, cfg, PipelineConfig(2, 2, data_parallel=4))
+    with pytest.raises(DistributedError, match="--data-parallel must be >= 1"):
+        PipelineConfig(2, 1, data_parallel=0)
+    with pytest.raises(DistributedError, match="--pipeline 2 --data-parallel 2 needs 4 processes, the job has 2"):
+        train_rank(0, 2, TrainSpec(str(TINY), cfg, PipelineConfig(2, 1, data_parallel=2), np.zeros(64, np.int32)))
     with pytest.raises(DistributedError, match="at least 2 stages"):
         PipelineConfig(1)
     with pytest.raises(DistributedError, match="schedule"):
@@ -168,6 +191,8 @@ def test_cli_pipeline_needs_torchrun(tmp_path) -> None:
     assert p.returncode == 1 and "does not support LoRA" in p.stderr, p.stderr
     p = subprocess.run([*args, "--micro-batches", "2"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "apply to --pipeline training only" in p.stderr, p.stderr
+    p = subprocess.run([*args, "--data-parallel", "2"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "--data-parallel apply to --pipeline training only" in p.stderr, p.stderr
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
