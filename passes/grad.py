@@ -33,13 +33,14 @@ def layer_of(op: Op) -> str | None:
     return match.group(1) if match else None
 
 
-def _active_ops(f: Function, loss: Value) -> list[Op]:
-    """Ops on a path from a float parameter to the loss: the only ones whose VJP is needed."""
-    varied: set[Value] = set()
+def active_ops(f: Function, outputs: set[Value], leaves: set[Value] = frozenset()) -> list[Op]:
+    """Ops on a path from a float parameter (or a float leaf value) to an output: the only ones whose VJP is
+    needed."""
+    varied: set[Value] = set(leaves)
     for op in f.body:
         if op.name == "param" or any(v in varied for v in op.operands):
             varied.update(r for r in op.results if r.type.dtype.is_float)
-    useful: set[Value] = {loss}
+    useful: set[Value] = set(outputs)
     active: list[Op] = []
     for op in reversed(f.body):
         if any(r in useful for r in op.results) and any(r in varied for r in op.results):
@@ -92,7 +93,7 @@ def grad_function(module: Module, function: str = "loss", checkpoint: str = "non
     for op in src.body:
         em.emit(op, fwd)
 
-    active = _active_ops(src, loss)
+    active = active_ops(src, {loss})
     segments = _segments(src.body) if checkpoint == "layer" else {}
     recomputed: dict[int, dict[Value, Value]] = {}
     cts: dict[Value, Value | None] = {loss: scalar(fb, 1.0, loss.type.dtype)}

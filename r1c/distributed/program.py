@@ -22,7 +22,7 @@ from r1c.ir.verifier import verify
 from r1c.passes.pipeline_partition import pipeline_partition, stage_functions
 from r1c.passes.pipeline_schedule import SCHEDULES
 from r1c.train.config import TrainConfig
-from r1c.train.step import BALANCE_BIAS, optimizer_state_names
+from r1c.train.step import BALANCE_BIAS, emit_updates, optimizer_state_names
 
 LOSS = "loss"
 UPDATE_SUFFIX = ".update"
@@ -191,20 +191,7 @@ def _build_update(module: Module, name: str, cfg: TrainConfig, trainable: list[s
     if cfg.clip > 0:
         coef = fb.clip_coef(norm, max_norm=cfg.clip)
         grads = {n: fb.mul(grads[n], coef) for n in trainable}
-    new_values = []
-    for n in trainable:
-        p = fb.param(n)
-        opt = [fb.param(s, p.type, "zeros") for s in optimizer_state_names(cfg, n)]
-        with fb.scope(n):
-            if cfg.optimizer == "adamw":
-                out = fb.adamw_update(
-                    p, grads[n], *opt, lr, step, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay,
-                )  # fmt: skip
-            else:
-                out = fb.sgd_update(p, grads[n], *opt, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        new_values += list(out)
-    fb.ret(*new_values)
+    fb.ret(*emit_updates(fb, cfg, trainable, grads, lr, step))
     return fb.function
 
 

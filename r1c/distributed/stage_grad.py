@@ -21,9 +21,9 @@ recomputed values are bit-for-bit those of the forward run (same ops, same input
 from __future__ import annotations
 
 from r1c.build import FunctionBuilder, ModuleBuilder
-from r1c.ir.core import Function, Module, Op, Value
+from r1c.ir.core import Function, Module, Value
 from r1c.ir.ops.grad_util import accumulate, zeros
-from r1c.passes.grad import _Emitter, _vjp  # the grad pass's own op copier and VJP application: one rule set
+from r1c.passes.grad import _Emitter, _vjp, active_ops  # the grad pass's own analysis, copier and VJPs
 from r1c.passes.rewrite import erase_dead
 
 VJP_SUFFIX = ".vjp"
@@ -31,21 +31,6 @@ VJP_SUFFIX = ".vjp"
 
 def float_values(values: list[Value]) -> list[Value]:
     return [v for v in values if v.type.dtype.is_float]
-
-
-def _active_ops(f: Function, leaves: set[Value], outputs: set[Value]) -> list[Op]:
-    """Ops on a path from a float leaf (parameter or received float value) to a float output."""
-    varied = set(leaves)
-    for op in f.body:
-        if op.name == "param" or any(v in varied for v in op.operands):
-            varied.update(r for r in op.results if r.type.dtype.is_float)
-    useful = set(outputs)
-    active: list[Op] = []
-    for op in reversed(f.body):
-        if any(r in useful for r in op.results) and any(r in varied for r in op.results):
-            active.append(op)
-            useful.update(v for v in op.operands if v in varied)
-    return active[::-1]
 
 
 def stage_vjp(module: Module, stage: Function, received: list[Value]) -> tuple[Function, list[str]]:
@@ -69,7 +54,7 @@ def stage_vjp(module: Module, stage: Function, received: list[Value]) -> tuple[F
     for r, c in zip(outputs, seeds):
         # A value sent twice, or a received value forwarded unchanged, gets the sum of its cotangents.
         cts[r] = accumulate(fb, cts.get(r), c)
-    for op in reversed(_active_ops(stage, set(recv_float), set(outputs))):
+    for op in reversed(active_ops(stage, set(outputs), set(recv_float))):
         if op.name == "param":
             continue
         seed = [cts.pop(r, None) for r in op.results]

@@ -76,20 +76,8 @@ def build_train_step(module: Module, cfg: TrainConfig, loss: str = "loss") -> Mo
         coef = fb.clip_coef(norm, max_norm=cfg.clip)
         grads = {n: fb.mul(grads[n], coef) for n in trainable}
 
-    state, new_values = [], []
-    for name in trainable:
-        p = fb.param(name)
-        opt = [fb.param(s, p.type, "zeros") for s in optimizer_state_names(cfg, name)]
-        with fb.scope(name):
-            if cfg.optimizer == "adamw":
-                out = fb.adamw_update(
-                    p, grads[name], *opt, lr, step, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay,
-                )  # fmt: skip
-            else:
-                out = fb.sgd_update(p, grads[name], *opt, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        state += [name, *optimizer_state_names(cfg, name)]
-        new_values += list(out)
+    new_values = emit_updates(fb, cfg, trainable, grads, lr, step)
+    state = [n for name in trainable for n in (name, *optimizer_state_names(cfg, name))]
     if cfg.bias_gamma > 0:
         for bias, value in balance_biases(fb, src, env, cfg.bias_gamma):
             state.append(bias)
@@ -107,6 +95,26 @@ def build_train_step(module: Module, cfg: TrainConfig, loss: str = "loss") -> Mo
         }
     )
     return verify(module)
+
+
+def emit_updates(
+    fb: FunctionBuilder, cfg: TrainConfig, trainable: list[str], grads: dict[str, Value], lr: Value, step: Value
+) -> list[Value]:
+    """The optimizer step of every trainable parameter: (new param, new optimizer state...) per name, in order."""
+    new_values: list[Value] = []
+    for name in trainable:
+        p = fb.param(name)
+        opt = [fb.param(s, p.type, "zeros") for s in optimizer_state_names(cfg, name)]
+        with fb.scope(name):
+            if cfg.optimizer == "adamw":
+                out = fb.adamw_update(
+                    p, grads[name], *opt, lr, step, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay,
+                )  # fmt: skip
+            else:
+                out = fb.sgd_update(p, grads[name], *opt, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        new_values += list(out)
+    return new_values
 
 
 def _is_trainable(name: str, cfg: TrainConfig) -> bool:
