@@ -26,6 +26,11 @@ ACC_BLOCK, OUT_BLOCK, PAD_BLOCK = "r1c_acc", "r1c_out", "r1c_pad"  # the block n
 KERNEL_ATTR = "r1c_kernel"
 
 
+def lanes(n: int) -> int:
+    """The widest vector (at most one register of f32, VEC lanes) that divides n: loops split by it need no tail."""
+    return next(w for w in (VEC, 8, 4, 2, 1) if n % w == 0)
+
+
 def panel_width(n: int) -> int:
     return PANEL if n >= PANEL else VEC
 

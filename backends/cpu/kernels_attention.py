@@ -22,7 +22,7 @@ from tvm import te
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
-from r1c.backends.cpu.kernels import KERNEL_ATTR, VEC
+from r1c.backends.cpu.kernels import KERNEL_ATTR, lanes
 from r1c.backends.cpu.kernels import fast_exp_expr as fast_exp
 from r1c.ir.ops.attention_tiled import FULL, PARTIAL
 
@@ -81,11 +81,6 @@ def visible(spec: MaskSpec, aux: Any, bi: Any, i: Any, j: Any, sq: Any, skv: Any
         on = tir.all(i // lb < aux.shape[1], j // lb < aux.shape[2])
         conds.append(tir.if_then_else(on, aux[0, i // lb, j // lb] != tir.const(0, "int8"), tir.const(False)))
     return tir.all(*conds)
-
-
-def _lanes(n: int) -> int:
-    """The widest vector (at most one register of f32) that divides n."""
-    return next(w for w in (VEC, 8, 4, 2, 1) if n % w == 0)
 
 
 def _rows(n: int) -> int:
@@ -244,7 +239,7 @@ def flash_attention(
     online softmax; the element mask on PARTIAL tiles only (FULL tiles hide just the keys past the end, as the
     reference's slices do). A q row that sees nothing gives zeros. Entries whose k tile is outside [0, n_k) are
     skipped (nothing is read past the keys), and any kind other than FULL is masked (the reference rejects it)."""
-    rep, ri, vq, vd = heads // kv_heads, _rows(bq), _lanes(bk), _lanes(dv)
+    rep, ri, vq, vd = heads // kv_heads, _rows(bq), lanes(bk), lanes(dv)
     dvb = next(c for c in (4 * vd, 2 * vd, vd) if dv % c == 0)  # Dv columns per register tile
     neg_inf, zero = tir.const(NEG_INF, "float32"), tir.const(0.0, "float32")
 

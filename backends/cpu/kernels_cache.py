@@ -23,16 +23,11 @@ from tvm import te
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
-from r1c.backends.cpu.kernels import KERNEL_ATTR
+from r1c.backends.cpu.kernels import KERNEL_ATTR, lanes
 
 KB = 16  # keys per online-softmax block: one rescale of the accumulator per block, not per key
 FP8 = "float8_e4m3fn"
 NEG_INF = tir.const(-np.inf, "float32")
-
-
-def lanes(n: int) -> int:
-    """The widest vector (up to 16 f32 lanes) that divides n: loops split by it need no tail."""
-    return next(v for v in (16, 8, 4, 2, 1) if n % v == 0)
 
 
 # ---- fp8e4m3 codes <-> float32, as bit manipulation ----

@@ -19,17 +19,12 @@ from __future__ import annotations
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
-from r1c.backends.cpu.kernels import KERNEL_ATTR
+from r1c.backends.cpu.kernels import KERNEL_ATTR, lanes
 
 GEMM_MI, GEMM_NJ = 4, 4  # 16 vector accumulators + 4 + 4 operand vectors: fits AVX-512's 32 registers
 GEMM_CHUNK = 64  # columns per thread task: their weight rows stay in L2 while a group's row tiles pass
 GEMM_KBLOCK = 512  # K per block: a row tile's x block (4 x 2 KB) and the chunk's partial sums (16 KB) stay in L1
 WGRAD_MI = 4  # dy columns per wgrad tile; x's columns go in up to 4 vectors
-
-
-def lanes(n: int) -> int:
-    """The widest vector (up to 16 f32 lanes) that divides n: loops split by it need no tail."""
-    return next(v for v in (16, 8, 4, 2, 1) if n % v == 0)
 
 
 def _ceil_div(a: int, b: int) -> int:
