@@ -26,6 +26,7 @@ from r1c.ir.ops.quant import GRANULARITIES, QUANT_DTYPES, qmax, unit_error
 from r1c.ir.registry import OpError
 from r1c.ir.types import DType
 from r1c.passes.kv_quant_match import match_mla
+from r1c.passes.kv_quant_paged import has_float_pool, rewrite_paged
 from r1c.passes.registry import PipelineError, register_pass
 from r1c.passes.rewrite import NameGen, is_pure
 
@@ -146,7 +147,10 @@ def _check_options(module: Module, dtype: DType, bits: int, grans: dict[str, str
     for what, g in grans.items():
         if g not in GRANULARITIES:
             raise PipelineError(f"kv-quant: {what}_granularity must be one of {', '.join(GRANULARITIES)}, got {g!r}")
-    names = [n.strip() for n in functions.split(",") if n.strip()] or [module.main.name]
+    # Paged steps (ir/ops/paged.py) are inference-only by construction, so they are rewritten by default too,
+    # when their 8-bit pools can hold the format (4-bit applies to the other functions; naming a paged one fails).
+    paged = [n for n, f in module.functions.items() if has_float_pool(f) and n != module.main.name and bits == 8]
+    names = [n.strip() for n in functions.split(",") if n.strip()] or [module.main.name, *paged]
     missing = [n for n in names if n not in module.functions]
     if missing:
         raise PipelineError(f"kv-quant: module @{module.name} has no function(s) {', '.join('@' + n for n in missing)}")
@@ -169,8 +173,11 @@ def kv_quant(
     latent_granularity: str = "per_token",
     functions: str = "",
 ) -> Module:
-    """`functions`: comma-separated names to rewrite (empty: the entry function)."""
+    """`functions`: comma-separated names to rewrite (empty: the entry function and, with 8 bits, every paged step)."""
     grans = {"key": key_granularity, "value": value_granularity, "latent": latent_granularity}
     for name in _check_options(module, dtype, bits, grans, functions):
-        _rewrite_function(module.functions[name], dtype, bits, grans)
+        f = module.functions[name]
+        if has_float_pool(f):
+            rewrite_paged(f, dtype, bits)
+        _rewrite_function(f, dtype, bits, grans)
     return module

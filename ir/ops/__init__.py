@@ -12,6 +12,7 @@ from r1c.ir.ops import (  # noqa: F401
     moe_fused,
     nn,
     optim,
+    paged,
     quant,
     reduce,
     shape,

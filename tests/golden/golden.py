@@ -3,6 +3,8 @@
 // RUN: canonicalize,cse            the pipeline
 // ENV: B=2,S=4                     optional: symbolic dim sizes for the numerics check
 // INPUT-INVALID                    optional: the input must fail the verifier (stale types); no numerics
+// NO-NUMERICS: <why>               optional: the random-input check cannot apply (the pass changes the signature,
+                                    inputs must be valid page tables); the test named in <why> checks numerics
 module @m { ... }                   the input IR
 // CHECK:
 module @m { ... }                   the exact expected output of print_module
@@ -26,6 +28,7 @@ class Golden:
     expected: str
     env: dict[str, int] = field(default_factory=lambda: {"B": 2, "S": 4})
     input_invalid: bool = False
+    no_numerics: str = ""
 
 
 def load(path: Path) -> Golden:
@@ -47,6 +50,10 @@ def load(path: Path) -> Golden:
             g.env = {k.strip(): int(v) for k, v in (p.split("=") for p in line[len("// ENV:") :].split(","))}
         elif line.strip() == "// INPUT-INVALID":
             g.input_invalid = True
+        elif line.startswith("// NO-NUMERICS:"):
+            g.no_numerics = line[len("// NO-NUMERICS:") :].strip()
+            if not g.no_numerics:
+                raise GoldenFormatError(f"{path}:{i}: NO-NUMERICS needs a reason naming the test that checks them")
         elif line.startswith("//") and line[2:].lstrip().split(":")[0].isupper():
             raise GoldenFormatError(f"{path}:{i}: unknown directive {line!r}")
     return g
