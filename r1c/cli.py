@@ -13,7 +13,7 @@ import traceback
 from typing import Sequence
 
 import r1c
-from r1c import cli_inspect, cli_model, cli_opt, cli_partition, cli_train, cli_tune
+from r1c import cli_inspect, cli_model, cli_opt, cli_partition, cli_serve, cli_train, cli_tune
 
 COMMANDS = (
     cli_model.add_compile,
@@ -25,6 +25,7 @@ COMMANDS = (
     cli_partition.add_partition,
     cli_train.add_train,
     cli_tune.add_tune,
+    cli_serve.add_serve,
 )
 
 

@@ -24,7 +24,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="text file (byte-level tokens) or .npy token array")
     p.add_argument("--steps", type=int, help="total number of steps (default: train.steps)")
     p.add_argument("--out", default="out/train", metavar="DIR", help="output directory (default: out/train)")
-    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by an earlier run")
+    p.add_argument(
+        "--resume", metavar="CKPT", help="continue from a checkpoint written by an earlier run; `auto`: from the "
+        "newest complete checkpoint under --out, or from step 0 when there is none (for restarts)",
+    )  # fmt: skip
     p.add_argument("--save-every", type=int, metavar="K", help="also save a checkpoint every K steps")
     for flag, kind, what in (
         ("--lr", float, "peak learning rate"),
@@ -62,6 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     from r1c.train.data import DataError, load_tokens
     from r1c.train.lora import LoRAError
     from r1c.train.mixed_precision import MixedPrecisionError
+    from r1c.train.resume import AUTO, describe, newest_file
     from r1c.train.runtime import Trainer
     from r1c.train.step import TrainStepError
 
@@ -83,7 +87,15 @@ def run_train(args: argparse.Namespace) -> int:
                 "--micro-batches, --schedule, --timeout and --data-parallel apply to --pipeline training only"
             )
         trainer = Trainer.create(base, cfg, tokens)
-        if args.resume:
+        if args.resume == AUTO:
+            found, step = newest_file(args.out) or (None, 0)
+            print(describe(found, step, args.out))
+            if found is not None:
+                trainer.restore(found)
+            if trainer.step >= cfg.steps:  # as with --pipeline: a finished run started again is not an error
+                print(f"nothing to train: {found} is at step {trainer.step} (--steps {cfg.steps})")
+                return 0
+        elif args.resume:
             trainer.restore(args.resume)
         return _loop(trainer, cfg, Path(args.out), base.name)
     except (

@@ -110,16 +110,21 @@ def quant_codes(x: te.Tensor, scale: te.Tensor, storage: str, top: float) -> te.
     ones = [isinstance(d, tir.IntImm) and int(d) == 1 for d in scale.shape]
 
     def code(*i: Any) -> Any:
-        s = scale[tuple(0 if one else x for one, x in zip(ones, i))].astype("float64")
-        y = tir.Select(s > 0, x[i].astype("float64") / s, tir.const(0, "float64"))
-        top64 = tir.const(top, "float64")
-        clipped = _let("float64", y, lambda v: tir.Select(tir.isnan(v), tir.const(0, "float64"),
-                                                          tir.max(tir.min(v, top64), -top64)))  # fmt: skip
-        if storage == FP8:
-            return _let("float32", clipped.astype("float32"), lambda v: _let("float32", fp8_round(v), fp8_encode))
-        return tir.nearbyint(clipped).astype(storage)
+        return quant_code(x[i], scale[tuple(0 if one else x for one, x in zip(ones, i))], storage, top)
 
     return te.compute(x.shape, code, name="quantize")
+
+
+def quant_code(x: Any, scale: Any, storage: str, top: float) -> Any:
+    """The code of one value x against its float32 scale, as quantize_ref (see quant_codes)."""
+    s = scale.astype("float64")
+    y = tir.Select(s > 0, x.astype("float64") / s, tir.const(0, "float64"))
+    top64 = tir.const(top, "float64")
+    clipped = _let("float64", y, lambda v: tir.Select(tir.isnan(v), tir.const(0, "float64"),
+                                                      tir.max(tir.min(v, top64), -top64)))  # fmt: skip
+    if storage == FP8:
+        return _let("float32", clipped.astype("float32"), lambda v: _let("float32", fp8_round(v), fp8_encode))
+    return tir.nearbyint(clipped).astype(storage)
 
 
 def dequantize(q: te.Tensor, scale: te.Tensor, out_dtype: str) -> te.Tensor:

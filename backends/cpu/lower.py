@@ -20,6 +20,7 @@ from r1c.backends.cpu import (
     relax_attention,  # noqa: F401  (registers the sparse-attention lowerings)
     relax_cache,  # noqa: F401  (registers the KV-cache and quantized-KV lowerings)
     relax_moe,  # noqa: F401  (registers the expert-fusion lowerings)
+    relax_paged,  # noqa: F401  (registers the paged-cache lowerings)
 )
 from r1c.backends.cpu.relax_ops import LOWERINGS, tvm_dtype
 from r1c.ir import dims
@@ -67,7 +68,9 @@ class Context:
         return out
 
     def tensor(self, t: TensorType) -> relax.TensorType:
-        return relax.TensorType([self(d) for d in t.shape], tvm_dtype(t.dtype))
+        # fp8 as storage only (quantized caches): the kernels that read it decode by bits (relax_cache.CODE_DTYPE)
+        dt = relax_cache.CODE_DTYPE[t.dtype] if t.dtype == DType.fp8e4m3 else tvm_dtype(t.dtype)
+        return relax.TensorType([self(d) for d in t.shape], dt)
 
     def shape(self, v: Value) -> list[Any]:
         return [self(d) for d in v.type.shape]

@@ -30,7 +30,7 @@ def code_dtype(dtype: DType) -> str:
     return CODE_DTYPE[dtype]
 
 
-def _static(d: Dim, what: str) -> int:
+def static_dim(d: Dim, what: str) -> int:
     if not isinstance(d, int):
         raise NotImplementedError(f"cpu target: {what} must be static, got {d}")
     return d
@@ -41,7 +41,7 @@ def _ones(shape: tuple) -> tuple[bool, ...]:
     return tuple(d == 1 for d in shape)
 
 
-def _call(bb: relax.BlockBuilder, func: Any, name: str, args: list, out: relax.TensorType) -> Any:
+def call_kernel(bb: relax.BlockBuilder, func: Any, name: str, args: list, out: relax.TensorType) -> Any:
     """call_tir of a hand-written kernel, opaque to FuseOps."""
     args = [bb.emit(a) if isinstance(a, relax.Call) else a for a in args]
     gv = bb.add_func(func.with_attr("op_pattern", OPAQUE), name)
@@ -58,22 +58,22 @@ def _dense_only(op: Op, maps: list) -> None:
 @lowering("cache_write")
 def _cache_write(bb, ins, op, ctx):
     cache, _, start = op.operands
-    d = _static(cache.type.shape[4], "cache_write: the head dim")
+    d = static_dim(cache.type.shape[4], "cache_write: the head dim")
     layer, dt, st = op.attrs["layer"], tvm_dtype(cache.type.dtype), tvm_dtype(start.type.dtype)
     if ctx.dies_here(cache):  # nothing reads the old cache: write the step's rows into it, no copy of the cache
         args = [bb.emit(a) if isinstance(a, relax.Call) else a for a in ins]
         gv = bb.add_func(kc.cache_write_inplace(layer, d, dt, st).with_attr("op_pattern", OPAQUE), "cache_write")
         return [bb.emit(relax.call_tir_inplace(gv, args, [0], ctx.tensor(op.result.type)))]
-    return [_call(bb, kc.cache_write(layer, d, dt, st), "cache_write", ins, ctx.tensor(op.result.type))]
+    return [call_kernel(bb, kc.cache_write(layer, d, dt, st), "cache_write", ins, ctx.tensor(op.result.type))]
 
 
 @lowering("cached_attention")
 def _cached_attention(bb, ins, op, ctx):
     q, _, v, start = op.operands
-    dk, dv = _static(q.type.shape[3], "cached_attention: the head dim"), _static(v.type.shape[4], "the v head dim")
+    dk, dv = static_dim(q.type.shape[3], "cached_attention: the head dim"), static_dim(v.type.shape[4], "the v head dim")
     a = op.attrs
     func = kc.cached_attention(a["layer"], dk, dv, a["scale"], tvm_dtype(q.type.dtype), tvm_dtype(start.type.dtype))
-    return [_call(bb, func, "cached_attention", ins, ctx.tensor(op.result.type))]
+    return [call_kernel(bb, func, "cached_attention", ins, ctx.tensor(op.result.type))]
 
 
 @lowering("quantize")
@@ -99,23 +99,32 @@ def _dequantize(bb, ins, op, ctx):
 def _attention_kvq(bb, ins, op, ctx):
     q, kq, ks, vq, vs, *maps = op.operands
     _dense_only(op, maps)
-    dk, dv = _static(q.type.shape[3], "attention_kvq: the head dim"), _static(vq.type.shape[3], "the v head dim")
+    dk, dv = static_dim(q.type.shape[3], "attention_kvq: the head dim"), static_dim(vq.type.shape[3], "the v head dim")
     func = kc.attention_kvq(dk, dv, op.attrs, tvm_dtype(q.type.dtype), code_dtype(kq.type.dtype),
                             _ones(ks.type.shape), _ones(vs.type.shape))  # fmt: skip
-    return [_call(bb, func, "attention_kvq", ins[:5], ctx.tensor(op.result.type))]
+    return [call_kernel(bb, func, "attention_kvq", ins[:5], ctx.tensor(op.result.type))]
 
 
 @lowering("mla_attention_kvq")
 def _mla_attention_kvq(bb, ins, op, ctx):
-    """Absorbed MLA, as the reference: q_nope through W_UK (a batched GEMM per head), the MQA over the quantized
-    latent and rotary key in one kernel (latent-space output), then W_UV per head (a batched GEMM)."""
     q, lq, ls, rq, rs, w, *maps = op.operands
     _dense_only(op, maps)
+    rank, dr = static_dim(lq.type.shape[2], "the latent rank"), static_dim(rq.type.shape[3], "the rotary dim")
+    func = kc.mla_latent_attention(rank, dr, op.attrs, code_dtype(lq.type.dtype), _ones(ls.type.shape),
+                                   _ones(rs.type.shape))  # fmt: skip
+    latent = lambda qk, out: call_kernel(bb, func, "mla_attention_kvq", [qk, *ins[1:5]], out)  # noqa: E731
+    return [absorbed_mla(bb, ins[0], ins[5], op, ctx, rank, dr, latent)]
+
+
+def absorbed_mla(bb, q_in: Any, w_in: Any, op: Op, ctx, rank: int, dr: int, latent: Any) -> Any:
+    """Absorbed MLA, as the reference: q_nope through W_UK (a batched GEMM per head), the MQA over the latent and
+    rotary key in one kernel (`latent(qk [B, H, S, rank + dr], out type)` -> latent-space output [B, H, S, rank],
+    float32), then W_UV per head (a batched GEMM); op's operands 0 and -1 are q and the kv_b weight."""
+    q, w = op.operands[0], op.operands[-1]
     a = op.attrs
     dn, dv = a["qk_nope_head_dim"], a["v_head_dim"]
-    rank, dr = _static(lq.type.shape[2], "the latent rank"), _static(rq.type.shape[3], "the rotary dim")
     b, h, s, _ = ctx.shape(q)
-    qf, wf = (x if v.type.dtype == DType.f32 else R.astype(x, "float32") for x, v in ((ins[0], q), (ins[5], w)))
+    qf, wf = (x if v.type.dtype == DType.f32 else R.astype(x, "float32") for x, v in ((q_in, q), (w_in, w)))
     w3 = R.reshape(wf, [h, dn + dv, rank])
     w_uk = R.strided_slice(w3, axes=[1], begin=[0], end=[dn])  # [H, dn, rank]
     w_uv_t = R.permute_dims(R.strided_slice(w3, axes=[1], begin=[dn], end=[dn + dv]), [0, 2, 1])  # [H, rank, dv]
@@ -124,8 +133,7 @@ def _mla_attention_kvq(bb, ins, op, ctx):
     q_nope = heads_first(R.strided_slice(qf, axes=[3], begin=[0], end=[dn]), dn)
     q_lat = to_bhsd(batched(bb, q_nope, w_uk, [h, b * s, rank], ctx), rank)
     qk = R.concat([q_lat, R.strided_slice(qf, axes=[3], begin=[dn], end=[dn + dr])], axis=3)
-    func = kc.mla_latent_attention(rank, dr, a, code_dtype(lq.type.dtype), _ones(ls.type.shape), _ones(rs.type.shape))
-    o_lat = _call(bb, func, "mla_attention_kvq", [qk, *ins[1:5]], relax.TensorType([b, h, s, rank], "float32"))
+    o_lat = latent(qk, relax.TensorType([b, h, s, rank], "float32"))
     out = to_bhsd(batched(bb, heads_first(o_lat, rank), w_uv_t, [h, b * s, dv], ctx), dv)
     dt = tvm_dtype(op.result.type.dtype)
-    return [out if dt == "float32" else R.astype(out, dt)]
+    return out if dt == "float32" else R.astype(out, dt)

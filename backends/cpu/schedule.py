@@ -29,6 +29,7 @@ HAND_WRITTEN = (  # TIR that comes scheduled as written
     *("moe_permute", "moe_rows", "moe_gemm", "moe_wgrad"),  # kernels_moe.py
     *("attention_block_map", "dsa_mask", "dsa_block_map", "flash_attention"),  # kernels_attention.py
     *("cache_write", "kv_attention"),  # kernels_cache.py
+    *("paged_write", "paged_attention"),  # kernels_paged.py
 )
 
 

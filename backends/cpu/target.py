@@ -35,6 +35,7 @@ from r1c.backends.cpu.kernels import pack_panels
 if TYPE_CHECKING:
     from r1c.artifact import Artifact
     from r1c.ir.core import Module
+    from r1c.ir.types import DType
 
 OPTIONS = ("passes", "entry", "asm", "shapes", "tuning")
 DEFAULT_PIPELINE = "canonicalize,cse,dce"
@@ -144,15 +145,28 @@ class CpuProgram:
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         import tvm
 
-        from r1c.ir.interpreter import bind_dims, to_storage
+        from r1c.ir.interpreter import bind_dims
 
         bind_dims(self.fn, inputs)  # a shape that does not fit the signature is an error here, not in TVM
-        args = [tvm.runtime.tensor(np.ascontiguousarray(to_storage(np.asarray(x), a.type.dtype))) for a, x in
+        args = [tvm.runtime.tensor(np.ascontiguousarray(_storage(np.asarray(x), a.type.dtype))) for a, x in
                 zip(self.fn.args, inputs)]  # fmt: skip
         out = self.vm["main"](*args, *self.weights)
         outs = list(out) if len(self.fn.results) != 1 else [out]
         # Views of the VM's result tensors, which they keep alive (no copy); DLPack has no fp8, so those are copied.
         return [o.numpy() if "float8" in str(o.dtype) else np.from_dlpack(o) for o in outs]
+
+
+def _storage(x: np.ndarray, dtype: "DType") -> np.ndarray:
+    """x as the VM takes it: the interpreter's storage, fp8e4m3 (float32 values on the e4m3 grid there) as
+    ml_dtypes' float8_e4m3fn, converted exactly on the host (TVM's own fp8 casts are wrong in 0.27)."""
+    import ml_dtypes
+
+    from r1c.ir.interpreter import to_storage
+    from r1c.ir.types import DType
+
+    if dtype == DType.fp8e4m3:
+        return to_storage(x, dtype).astype(ml_dtypes.float8_e4m3fn)
+    return to_storage(x, dtype)
 
 
 _PROGRAMS: dict[str, CpuProgram] = {}

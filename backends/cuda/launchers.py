@@ -22,6 +22,7 @@ _TEMPLATE_MODULES: list[str] = [
     "r1c.backends.cuda.kernels.flash_attention",
     "r1c.backends.cuda.kernels.decode_attention",
     "r1c.backends.cuda.kernels.kv_cache",
+    "r1c.backends.cuda.kernels.paged",
 ]
 
 

@@ -26,7 +26,8 @@ DEFAULT_PIPELINE = "canonicalize,cse,expert-fusion,sparse-attention-tiling,dce"
 VIEWS = frozenset({"reshape", "transpose", "slice", "broadcast_to"})
 GEMMS = frozenset({"linear", "matmul"})
 FUSED_MOE = "grouped_matmul+swiglu"
-IN_PLACE = frozenset({"cache_write"})  # template launchers that write into (and return) their first operand
+# template launchers that write into (and return) their first n operands: the caches and the paged pools
+IN_PLACE = {"cache_write": 1, "paged_write": 1, "paged_write_q": 2}
 _USES = "@@uses@@"  # stands for the header's list of IR ops until every kernel sharing a source is known
 
 
@@ -195,14 +196,16 @@ def _overwritable(
     pos: dict[int, int],
     results: set[Value],
 ) -> bool:
-    """Whether `op` may write into its first operand: the operand is a function argument (the caller donates it) or
-    another in-place write's result (not a view, whose base others may read), is not a result, and every other
-    reader has run by the write's launch."""
-    v = op.operands[0]
-    producer = producers.get(v)
-    if v in results or not (v in f.args or (producer is not None and producer.name in IN_PLACE)):
-        return False
-    return all(pos[id(r)] < pos[id(op)] for r in users[v] if r is not op)
+    """Whether `op` may write into its first IN_PLACE[op.name] operands: each is a function argument (the caller
+    donates it) or another in-place write's result (not a view, whose base others may read), is not a result, and
+    every other reader has run by the write's launch."""
+    for v in op.operands[: IN_PLACE[op.name]]:
+        producer = producers.get(v)
+        if v in results or not (v in f.args or (producer is not None and producer.name in IN_PLACE)):
+            return False
+        if any(pos[id(r)] >= pos[id(op)] for r in users[v] if r is not op):
+            return False
+    return True
 
 
 def _mark_static(steps: list[dict[str, Any]], f: Function) -> None:
@@ -298,7 +301,8 @@ def lower(module: Module, entry: str) -> dict[str, Any]:
         name: body.replace(f"#   {_USES}", "\n".join(f"#   {x}" for x in uses[body])) for body, name in sources.items()
     }
     copy = {f"copy_r{r}.py": ew.copy_source(r) for r in range(1, max_rank + 1)}
-    donated = sorted({s["inputs"][0] for s in steps if s.get("in_place")} & {a.name for a in f.args})
+    written = {n for s in steps if s.get("in_place") for n in s["inputs"][: IN_PLACE[s["launcher"]]]}
+    donated = sorted(written & {a.name for a in f.args})
     return {"entry": entry, "steps": steps, "donated": donated, "kernels": {**kernels, **copy}}
 
 

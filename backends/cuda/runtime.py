@@ -24,6 +24,7 @@ from r1c.backends.cuda import kernel_cache
 from r1c.backends.cuda.codegen import elementwise as ew
 from r1c.backends.cuda.codegen import indexing, matmul, rows
 from r1c.backends.cuda.launchers import get_launcher
+from r1c.backends.cuda.lower import IN_PLACE
 from r1c.ir import dims, registry
 from r1c.ir.core import DimList
 from r1c.ir.interpreter import bind_dims
@@ -38,6 +39,7 @@ _TORCH = {
     DType.bf16: torch.bfloat16,
     DType.int32: torch.int32,
     DType.int8: torch.int8,
+    DType.fp8e4m3: torch.float8_e4m3fn,  # quantized KV pools (codes); numpy holds their values as float32
     DType.bool: torch.bool,
 }
 FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -99,7 +101,7 @@ class Program:
                 self._step(step, self.static, {})
 
     def dtype_of(self, dtype: DType) -> torch.dtype:
-        if dtype.is_float and self.float_dtype is not None:
+        if dtype.is_float and dtype != DType.fp8e4m3 and self.float_dtype is not None:  # codes keep their dtype
             return self.float_dtype
         if dtype not in _TORCH:
             raise CudaRuntimeError(f"cuda runtime: dtype {dtype.value} is not supported")
@@ -289,8 +291,9 @@ class Program:
         ops = [self.fn.body[i] for i in step["ops"]]
         fn = get_launcher(step["launcher"])
         args = [self.contiguous(buf[n]) for n in step["inputs"]]
-        if step.get("in_place") is False:  # the launcher writes into its first operand, which is read later
-            args[0] = self.copy_of(args[0])
+        if step.get("in_place") is False:  # the launcher writes into its first operands, which are read later
+            for j in range(IN_PLACE[step["launcher"]]):
+                args[j] = self.copy_of(args[j])
         attrs = {
             k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v
             for k, v in registry.get(ops[0].name).complete_attrs(ops[0].attrs).items()
@@ -384,7 +387,8 @@ class Program:
 
     def run(self, inputs: list[np.ndarray], cuda_graph: bool = False) -> list[np.ndarray]:
         outs = self.forward(self.to_device([np.asarray(x) for x in inputs]), cuda_graph)
-        return [(o.float() if o.dtype in (torch.bfloat16, torch.float16) else o).cpu().numpy() for o in outs]
+        narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+        return [(o.float() if o.dtype in narrow else o).cpu().numpy() for o in outs]
 
 
 _PROGRAMS: dict[tuple[str, str], Program] = {}

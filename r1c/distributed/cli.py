@@ -8,19 +8,26 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from r1c.artifact import Artifact
 from r1c.train.config import TrainConfig
+from r1c.train.resume import AUTO
 from r1c.train.runtime import StepResult
+
+if TYPE_CHECKING:
+    from r1c.distributed.comm import Channel
 
 
 def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.ndarray) -> int:
     import torch.distributed as dist
 
-    from r1c.distributed.comm import PeerError
+    from r1c.distributed import checkpoint as ckpt
+    from r1c.distributed.comm import Channel, PeerError
     from r1c.distributed.launch import TrainSpec, init_from_env, train_rank
     from r1c.distributed.program import DistributedError, PipelineConfig, check_supported
     from r1c.train.checkpoint import CheckpointError
@@ -33,10 +40,10 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
         args.data_parallel if args.data_parallel is not None else 1,
     )
     check_supported(cfg, pc)  # before joining the job: a bad option fails at once on every rank
-    if args.resume and not Path(args.resume).is_dir():
+    if args.resume and args.resume != AUTO and not Path(args.resume).is_dir():
         raise DistributedError(
             f"--resume {args.resume}: with --pipeline, resume from a pipeline checkpoint directory "
-            "(OUT/checkpoint or OUT/checkpoint-K, written by a --pipeline run at any stage count)"
+            "(OUT/checkpoint or OUT/checkpoint-K, written by a --pipeline run at any stage count), or `auto`"
         )
     rank, world = init_from_env(pc.timeout_s)
     out = Path(args.out)
@@ -53,7 +60,13 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
         )
 
     try:
-        result = train_rank(rank, world, spec, log)
+        done = False
+        if args.resume == AUTO:
+            found, step = _agree_on_resume(out, Channel(rank, world, pc.timeout_s))
+            spec, done = replace(spec, resume=found), step >= cfg.steps
+        # A job restarted after its last save (a rank failed while exiting) has nothing left to train: it ends
+        # well, so that torchrun does not restart it again.
+        hist = ckpt.history(ckpt.read_manifest(spec.resume)) if done else train_rank(rank, world, spec, log).history
     except (PeerError, DistributedError, CheckpointError) as e:
         print(f"r1c: error: rank {rank}: {e}" if not str(e).startswith("rank") else f"r1c: error: {e}", file=sys.stderr)
         sys.stderr.flush()
@@ -62,21 +75,43 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
         # neighbours at once, and torchrun reports the failed ranks.
         os._exit(1)
     if rank == 0:
-        hist = result.history
         from r1c.train.plot import plot_losses
 
         (out / "losses.json").write_text(
             json.dumps([{"step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm} for r in hist], indent=1)
         )
         plot_losses([r.step for r in hist], [r.loss for r in hist], out / "loss.png", f"{args.model} training loss")
-        print(
-            f"trained with {pc.stages} pipeline stages ({pc.schedule}, {pc.micro_batches} micro-batches"
-            + (f", {pc.data_parallel} data-parallel replicas" if pc.data_parallel > 1 else "")
-            + ") to step "
-            f"{hist[-1].step}: loss {hist[0].loss:.4f} -> {hist[-1].loss:.4f}; checkpoint {out / 'checkpoint'}"
-        )
+        if done:
+            print(f"nothing to train: {spec.resume} is at step {hist[-1].step} (--steps {cfg.steps})")
+        else:
+            print(
+                f"trained with {pc.stages} pipeline stages ({pc.schedule}, {pc.micro_batches} micro-batches"
+                + (f", {pc.data_parallel} data-parallel replicas" if pc.data_parallel > 1 else "")
+                + ") to step "
+                f"{hist[-1].step}: loss {hist[0].loss:.4f} -> {hist[-1].loss:.4f}; checkpoint {out / 'checkpoint'}"
+            )
     dist.destroy_process_group()
     return 0
+
+
+def _agree_on_resume(out: Path, channel: Channel) -> tuple[str | None, int]:
+    """`--resume auto`: the newest complete checkpoint under `out` (None: start at step 0) and its step, the same
+    on every rank; rank 0 prints the choice.
+
+    Rank 0 alone reads the directory and broadcasts its choice. No one writes there while it reads: torchrun
+    starts a restarted group only after every worker of the failed one has exited (a save they left half done has
+    no manifest and is skipped), and in this group the first manifest is written after the barrier of the first
+    save, which no rank reaches before this broadcast. Ranks choosing for themselves could still disagree on a
+    file system that shows new files late on other hosts, and would then resume from different steps."""
+    from r1c.distributed.checkpoint import newest_complete
+    from r1c.train.resume import describe
+
+    choice = None
+    if channel.rank == 0:
+        found = newest_complete(out)
+        choice = (str(found[0]), int(found[1]["step"])) if found else (None, 0)
+        print(describe(choice[0], choice[1], out), flush=True)
+    return channel.broadcast(choice, f"agreeing on the checkpoint under {out} to resume from")
 
 
 def run_pipeline_infer(args: argparse.Namespace, art: Artifact, tokens: np.ndarray) -> list[np.ndarray] | None:

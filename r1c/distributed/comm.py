@@ -81,6 +81,38 @@ class Channel:
             raise self._fail(what, None, e) from None
         return t.numpy()
 
+    def broadcast(self, value: object, what: str, src: int = 0) -> object:
+        """Rank `src`'s picklable `value` on every rank (the others pass anything, e.g. None)."""
+        box = [value]
+        try:
+            dist.broadcast_object_list(box, src=src)
+        except RuntimeError as e:
+            raise self._fail(what, None if self.rank == src else src, e) from None
+        return box[0]
+
+    def all_to_all(
+        self,
+        rows: np.ndarray,
+        counts: np.ndarray,
+        what: str,
+        group: dist.ProcessGroup,
+        recv_counts: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Send rows[:counts[0]] to `group`'s rank 0, the next counts[1] rows to its rank 1, ...; returns the rows
+        every group rank sent this one (group-rank order, float64) and their counts, which are exchanged first
+        unless given (`recv_counts`: a reply to an exchange whose counts are known)."""
+        try:
+            if recv_counts is None:
+                got = torch.empty(len(counts), dtype=torch.int64)
+                dist.all_to_all_single(got, torch.from_numpy(counts.astype(np.int64)), group=group)
+                recv_counts = got.numpy()
+            out = torch.empty((int(recv_counts.sum()), rows.shape[1]), dtype=torch.float64)
+            send = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64))
+            dist.all_to_all_single(out, send, recv_counts.tolist(), counts.tolist(), group=group)
+        except RuntimeError as e:
+            raise self._fail(what, None, e) from None
+        return out.numpy(), recv_counts
+
 
 _DTYPES = {
     np.dtype(np.float32): torch.float32,

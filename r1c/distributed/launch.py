@@ -52,6 +52,8 @@ class RankResult:
     state: dict[str, np.ndarray]  # this rank's parameters and optimizer state after the last step
     first_loss: float | None = None
     first_grads: dict[str, np.ndarray] | None = None
+    # Expert parallelism: the tensors of `state` that are a row block of the whole, with its rows [start, stop).
+    expert_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult], None] | None = None) -> RankResult:
@@ -59,6 +61,7 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
     import r1c
     from r1c.distributed import checkpoint as ckpt
     from r1c.distributed.comm import Channel
+    from r1c.distributed.expert_shard import take_blocks
     from r1c.distributed.program import build_pipeline
     from r1c.distributed.runtime import StageRunner
     from r1c.train.data import Batches
@@ -66,8 +69,7 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
 
     cfg, pc = spec.cfg, spec.pipeline
     if world != pc.world:
-        dp = f" --data-parallel {pc.data_parallel}" if pc.data_parallel > 1 else ""
-        raise DistributedError(f"--pipeline {pc.stages}{dp} needs {pc.world} processes, the job has {world}")
+        raise DistributedError(f"{pc.flags} needs {pc.world} processes, the job has {world}")
     replica, stage = divmod(rank, pc.stages)  # replica r holds global ranks r*S .. r*S + S-1
     dp_group = _replica_groups(pc)[stage] if pc.data_parallel > 1 else None
     base = r1c.load(spec.model, overrides=spec.overrides or None)
@@ -79,13 +81,17 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
         state, manifest = ckpt.load_tensors(spec.resume, list(plans[stage].state))
         step = int(manifest["step"])
         data.restore(manifest["data"])
-        history = [StepResult(int(s), loss, lr, norm, int(n)) for s, loss, lr, norm, n in manifest["history"]]
+        history = ckpt.history(manifest)
     else:
         state, step = initial_state(base, module, cfg.seed), 0
+    blocks = plans[stage].experts
+    if blocks:  # the base model and checkpoints hold every expert's rows: keep this replica's block
+        state = take_blocks(state, module, blocks, replica, pc.expert_parallel)
     runner = StageRunner(module, plans, cfg, pc, stage, channel, state, step, replica, dp_group)
     if runner.step >= cfg.steps:
         raise DistributedError(f"the checkpoint is at step {runner.step}; ask for more --steps than that to continue")
-    result = RankResult(rank, history, {})
+    rows = {n: module.params[n].type.shape[0] for n in blocks}
+    result = RankResult(rank, history, {}, expert_rows={n: (replica * k, (replica + 1) * k) for n, k in rows.items()})
     while runner.step < cfg.steps:
         tokens, labels = data.next()
         runner.crash_now = spec.crash_at == (rank, runner.step + 1)
@@ -115,10 +121,14 @@ def _save(
     }
     if runner.replica == 0:  # the replicas hold the same state: replica 0 writes it, in the pipeline format
         ckpt.save_stage(directory, runner.rank, runner.state, meta)
+    elif runner.plan.experts:  # expert parallelism: each replica holds its own block of the experts
+        blocks = {n: runner.state[n] for n in runner.plan.experts}
+        ckpt.save_expert_block(directory, runner.rank, runner.replica, blocks, meta)
     # Barrier (an all-reduce every rank joins): the manifest is written only once every stage file exists.
     channel.all_reduce_sum(np.zeros(1), f"the checkpoint barrier of {directory}")
     if rank == 0:
-        ckpt.save_manifest(directory, [list(p.state) for p in plans], meta)
+        blocks = [list(p.experts) for p in plans]
+        ckpt.save_manifest(directory, [list(p.state) for p in plans], meta, blocks, runner.pc.expert_parallel)
 
 
 # ---- process groups ----

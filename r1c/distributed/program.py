@@ -39,15 +39,35 @@ class PipelineConfig:
     schedule: str = "gpipe"
     timeout_s: float = 300.0  # gloo: how long a rank waits for a peer before it stops with an error
     data_parallel: int = 1  # R pipeline replicas, each on 1/R of the batch: S * R processes
+    # E > 1: the routed experts are split over the R = E replicas of each stage (expert_parallel.py); then one
+    # stage (no --pipeline) is allowed: E processes, each a data-parallel replica holding 1/E of the experts.
+    expert_parallel: int = 1
 
     @property
     def world(self) -> int:
         return self.stages * self.data_parallel
 
+    @property
+    def flags(self) -> str:
+        """The command-line options that ask for this layout (error messages)."""
+        out = f"--pipeline {self.stages}" if self.stages > 1 or self.expert_parallel == 1 else ""
+        if self.data_parallel > 1 and self.data_parallel != self.expert_parallel:
+            out += f" --data-parallel {self.data_parallel}"
+        if self.expert_parallel > 1:
+            out += f" --expert-parallel {self.expert_parallel}"
+        return out.strip()
+
     def __post_init__(self) -> None:
         if self.data_parallel < 1:
             raise DistributedError(f"--data-parallel must be >= 1, got {self.data_parallel}")
-        if self.stages < 2:
+        if self.expert_parallel < 1:
+            raise DistributedError(f"--expert-parallel must be >= 1, got {self.expert_parallel}")
+        if self.expert_parallel > 1 and self.data_parallel != self.expert_parallel:
+            raise DistributedError(
+                f"--expert-parallel {self.expert_parallel} splits the experts over the data-parallel replicas: "
+                f"it needs --data-parallel {self.expert_parallel} (or none), got {self.data_parallel}"
+            )
+        if self.stages < (1 if self.expert_parallel > 1 else 2):
             raise DistributedError(f"--pipeline needs at least 2 stages, got {self.stages}")
         if self.micro_batches < 1:
             raise DistributedError(f"--micro-batches must be >= 1, got {self.micro_batches}")
@@ -70,6 +90,9 @@ class StagePlan:
     grad_params: tuple[str, ...]  # the parameters whose gradients @vjp returns, in order
     trainable: tuple[str, ...]
     state: tuple[str, ...]  # tensors this rank owns and updates: params + optimizer state, in the update's order
+    # With expert parallelism: the tensors of `state` that are a row block of the whole (expert weights and their
+    # optimizer state): each replica holds its own block, and their gradients are not all-reduced.
+    experts: tuple[str, ...] = ()
 
     @property
     def n_received_float(self) -> int:
@@ -118,6 +141,11 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
     if LOSS not in base.functions:
         raise DistributedError(f"training needs a loss function @{LOSS}; @{base.name} has {sorted(base.functions)}")
     loss_ignore_index(base)
+    experts: list[str] = []
+    if pc.expert_parallel > 1:
+        from r1c.distributed.expert_shard import shard_module  # it raises this module's DistributedError
+
+        base, experts = shard_module(base, LOSS, pc.expert_parallel)
     module = pipeline_partition(
         base,
         stages=pc.stages,
@@ -149,10 +177,11 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
         # Parameters without a gradient (the routing bias) still belong to this rank: it reads them.
         state += [n for n in grad_names if n not in trainable]
         state += [op.attrs["name"] for op in f.body if op.name == "param" and op.attrs["name"] not in state]
+        blocks = [s for n in experts if n in state for s in (n, *optimizer_state_names(cfg, n)) if s in state]
         plans.append(
             StagePlan(
                 k, f, vjp, update, inputs, tuple(a.name for a in received), tuple(grad_names), tuple(trainable),
-                tuple(state),
+                tuple(state), tuple(blocks),
             )
         )  # fmt: skip
     return verify(module), plans

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from r1c.distributed.comm import BACKWARD, FORWARD, Channel
+from r1c.distributed.expert_parallel import ExpertDispatch
 from r1c.distributed.program import DistributedError, PipelineConfig, StagePlan, loss_ignore_index
 from r1c.ir.core import Function, Module
 from r1c.ir.interpreter import bind_dims, run_function
@@ -67,6 +68,12 @@ class StageRunner:
         self.step = step
         self.last_grads: StepGradients | None = None
         self.crash_now = False  # fault injection (tests): exit abruptly after this step's first forward
+        # Expert parallelism: the replicas of this stage (dp_group) share the experts; MoE ops exchange tokens.
+        self.overrides = (
+            ExpertDispatch(channel, dp_group, replica, pc.expert_parallel, f"stage {rank}").overrides()
+            if pc.expert_parallel > 1
+            else None
+        )
 
     def _specs(self, f: Function, env: dict[str, int]) -> list[tuple[tuple[int, ...], np.dtype]]:
         return [(r.type.concrete(env), r.type.dtype.numpy) for r in f.results]
@@ -93,7 +100,7 @@ class StageRunner:
         for kind, m in self.order:
             if kind == "F":
                 args = self._forward_args(batch, m, b, env, prev)
-                outs = run_function(self.module, plan.forward, args, self.state)
+                outs = run_function(self.module, plan.forward, args, self.state, self.overrides)
                 saved[m] = args
                 if self.last:
                     loss += float(outs[0]) * kept[m] / total_kept  # float64: the weighted mean of the losses
@@ -111,20 +118,27 @@ class StageRunner:
                     env_m = bind_dims(plan.forward, args)
                     specs = [(r.type.concrete(env_m), r.type.dtype.numpy) for r in floats]
                     cots = ch.recv(specs, self.base + self.rank + 1, BACKWARD, m)
-                outs = run_function(self.module, plan.vjp, args + cots, self.state)
+                outs = run_function(self.module, plan.vjp, args + cots, self.state, self.overrides)
                 n = plan.n_received_float
                 if self.rank:
                     ch.send(outs[:n], self.base + self.rank - 1, BACKWARD, m)
                 step_grads = outs[n:]
                 grads = step_grads if grads is None else [g + d for g, d in zip(grads, step_grads)]
         ch.flush()
-        if replicas > 1 and grads:
-            grads = self._all_reduce_grads(grads)
         by_name = dict(zip(plan.grad_params, grads or []))
-        # After the all-reduce every replica holds the same gradients: replica 0 alone counts them in the norm.
-        sq = sum(float(np.sum(np.square(by_name[n].astype(np.float64)))) for n in plan.trainable)
-        sq = sq if self.replica == 0 else 0.0
-        total_sq, total_loss = ch.all_reduce_sum(np.array([sq, loss]), "the gradient-norm and loss all-reduce")
+        # Expert blocks' gradients already sum over every replica's tokens (expert_parallel.py): not all-reduced.
+        shared = list(plan.grad_params)
+        if replicas > 1 and shared:
+            by_name.update(zip(shared, self._all_reduce_grads([by_name[n] for n in shared])))
+
+        def sq(names: list[str]) -> float:
+            return sum(float(np.sum(np.square(by_name[n].astype(np.float64)))) for n in names)
+
+        # After the all-reduce every replica holds the same shared gradients: replica 0 alone counts them in the
+        # norm; every replica counts its own expert block's.
+        sq_shared = sq([n for n in plan.trainable if n not in plan.experts]) if self.replica == 0 else 0.0
+        sq_total = sq_shared + sq([n for n in plan.trainable if n in plan.experts])
+        total_sq, total_loss = ch.all_reduce_sum(np.array([sq_total, loss]), "the gradient-norm and loss all-reduce")
         norm = math.sqrt(total_sq)
         self.last_grads = StepGradients(float(np.float32(total_loss)), by_name)
         self.step += 1
