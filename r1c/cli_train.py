@@ -53,6 +53,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "--data-parallel", type=int, metavar="R", help="with --pipeline: R pipeline replicas, each on 1/R of the "
         "batch, gradients all-reduced per stage (S * R processes; default 1)",
     )  # fmt: skip
+    p.add_argument(
+        "--expert-parallel", type=int, metavar="E", help="split the routed experts over E data-parallel replicas, "
+        "tokens sent to their experts by all-to-all (E processes, S * E with --pipeline S; E divides the experts)",
+    )  # fmt: skip
     add_set_flag(p)
     p.set_defaults(run=run_train)
 
@@ -78,7 +82,7 @@ def run_train(args: argparse.Namespace) -> int:
         }
         cfg = TrainConfig.from_attrs(base.attrs, **flags)
         tokens = load_tokens(args.data, int(base.attrs.get("vocab_size", 0)))
-        if args.pipeline is not None:
+        if args.pipeline is not None or args.expert_parallel is not None:
             from r1c.distributed.cli import run_pipeline_train
 
             return run_pipeline_train(args, cfg, tokens)

@@ -119,6 +119,10 @@ def _save(
         "data": data.state(),
         "history": [[r.step, r.loss, r.lr, r.grad_norm, r.tokens] for r in history],
     }
+    # A directory saved over (the final checkpoint/ of an earlier, shorter run) must not look complete while its
+    # files change, or `--resume auto` could load new stage files with the old step and sampler state: every rank
+    # removes the manifest before the barrier, rank 0 writes the new one after it.
+    (directory / ckpt.MANIFEST).unlink(missing_ok=True)
     if runner.replica == 0:  # the replicas hold the same state: replica 0 writes it, in the pipeline format
         ckpt.save_stage(directory, runner.rank, runner.state, meta)
     elif runner.plan.experts:  # expert parallelism: each replica holds its own block of the experts
@@ -155,8 +159,24 @@ def init_from_env(timeout_s: float, command: str = "train") -> tuple[int, int]:
             f"--pipeline runs one process per stage: start it with `torchrun --nproc-per-node S r1c {command} ...` "
             f"(the environment has no {', '.join(missing)})"
         )
-    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
+    timeout = timedelta(seconds=timeout_s)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = _attempt_store(world, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    return rank, world
+
+
+def _attempt_store(world: int, timeout: timedelta) -> Any:
+    """torchrun's store, with keys of this attempt's own. The agent keeps one store for every restart of the job
+    and `init_process_group` puts no attempt number in its keys, so a restarted group's gloo would read the dead
+    group's addresses and fail to connect ("Connection refused", torch 2.13, with the static and c10d rendezvous
+    alike); a prefix per TORCHELASTIC_RESTART_COUNT keeps the groups apart."""
+    import torch.distributed as dist
+
+    from r1c.train.resume import restart_count
+
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout)
+    return dist.PrefixStore(f"r1c-attempt-{restart_count()}", agent)
 
 
 def free_port() -> int:
