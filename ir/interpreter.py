@@ -61,8 +61,9 @@ def run_function(
     weights: dict[str, np.ndarray],
     overrides: Mapping[str, registry.Reference] | None = None,
 ) -> list[np.ndarray]:
-    """`overrides` replaces the reference of the ops it names for this run (same signature): how the distributed
-    runtime runs an op whose data lives on several processes (expert parallelism's `moe_experts`)."""
+    """`overrides` replaces the reference of the ops it names for this run (same signature; its exceptions pass
+    through unwrapped): how the distributed runtime runs an op whose data lives on several processes (expert
+    parallelism's `moe_experts`)."""
     overrides = overrides or {}
     inputs = [np.asarray(x) for x in inputs]
     env = bind_dims(f, inputs)
@@ -86,10 +87,13 @@ def run_function(
         attrs = {
             k: DimList(dims.evaluate(d, env) for d in v) if isinstance(v, DimList) else v for k, v in op.attrs.items()
         }
+        override = overrides.get(op.name)
         try:
             with np.errstate(all="ignore"):  # IEEE results (inf, nan) are the defined meaning, not a warning
-                outs = overrides.get(op.name, opdef.reference)(args, attrs)
+                outs = (override or opdef.reference)(args, attrs)
         except Exception as e:  # name the op: a bare numpy error says nothing about where it came from
+            if override is not None:
+                raise  # the override's own errors (a failed transfer) are for its caller to handle
             raise InterpreterError(
                 f"reference of '{op.name}' defining {', '.join(str(r) for r in op.results)} "
                 f"failed: {type(e).__name__}: {e}"

@@ -21,6 +21,7 @@ from r1c.train.runtime import StepResult
 
 if TYPE_CHECKING:
     from r1c.distributed.comm import Channel
+    from r1c.distributed.program import PipelineConfig
 
 
 def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.ndarray) -> int:
@@ -32,14 +33,23 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
     from r1c.distributed.program import DistributedError, PipelineConfig, check_supported
     from r1c.train.checkpoint import CheckpointError
 
+    # --expert-parallel E alone: one stage, E replicas (the experts are split over the replicas).
+    ep = args.expert_parallel if args.expert_parallel is not None else 1
     pc = PipelineConfig(
-        args.pipeline,
+        args.pipeline if args.pipeline is not None else 1,
         args.micro_batches if args.micro_batches is not None else 1,
         args.schedule or "gpipe",
         args.timeout if args.timeout is not None else 300.0,
-        args.data_parallel if args.data_parallel is not None else 1,
+        args.data_parallel if args.data_parallel is not None else ep,
+        ep,
     )
     check_supported(cfg, pc)  # before joining the job: a bad option fails at once on every rank
+    if pc.expert_parallel > 1:  # as is a model whose experts do not split E ways
+        import r1c
+        from r1c.distributed.expert_shard import expert_params
+        from r1c.distributed.program import LOSS
+
+        expert_params(r1c.load(args.model, overrides=_overrides(args.sets) or None), LOSS, pc.expert_parallel)
     if args.resume and args.resume != AUTO and not Path(args.resume).is_dir():
         raise DistributedError(
             f"--resume {args.resume}: with --pipeline, resume from a pipeline checkpoint directory "
@@ -85,13 +95,19 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
             print(f"nothing to train: {spec.resume} is at step {hist[-1].step} (--steps {cfg.steps})")
         else:
             print(
-                f"trained with {pc.stages} pipeline stages ({pc.schedule}, {pc.micro_batches} micro-batches"
-                + (f", {pc.data_parallel} data-parallel replicas" if pc.data_parallel > 1 else "")
-                + ") to step "
-                f"{hist[-1].step}: loss {hist[0].loss:.4f} -> {hist[-1].loss:.4f}; checkpoint {out / 'checkpoint'}"
+                f"trained with {_layout(pc)} to step {hist[-1].step}: loss {hist[0].loss:.4f} -> "
+                f"{hist[-1].loss:.4f}; checkpoint {out / 'checkpoint'}"
             )
     dist.destroy_process_group()
     return 0
+
+
+def _layout(pc: PipelineConfig) -> str:
+    if pc.stages == 1:  # expert parallelism alone
+        return f"{pc.expert_parallel}-way expert parallelism ({pc.micro_batches} micro-batches)"
+    extra = f", {pc.data_parallel} data-parallel replicas" if pc.data_parallel > 1 else ""
+    extra += f", experts split {pc.expert_parallel} ways" if pc.expert_parallel > 1 else ""
+    return f"{pc.stages} pipeline stages ({pc.schedule}, {pc.micro_batches} micro-batches{extra})"
 
 
 def _agree_on_resume(out: Path, channel: Channel) -> tuple[str | None, int]:

@@ -104,7 +104,11 @@ def check_supported(cfg: TrainConfig, pc: PipelineConfig) -> None:
     if cfg.batch % (pc.micro_batches * pc.data_parallel):
         raise DistributedError(
             f"the batch ({cfg.batch}) must be a multiple of --micro-batches ({pc.micro_batches})"
-            + (f" times --data-parallel ({pc.data_parallel})" if pc.data_parallel > 1 else "")
+            + (
+                f" times --{'expert' if pc.expert_parallel > 1 else 'data'}-parallel ({pc.data_parallel})"
+                if pc.data_parallel > 1
+                else ""
+            )
             + ": micro-batches of equal size"
         )
     unsupported = {

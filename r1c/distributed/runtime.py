@@ -11,6 +11,10 @@ sampler, so only activations and cotangents travel):
   add the parameter gradients to the step's sums and send the received values' cotangents to rank k-1;
 - one all-reduce carries the squared gradient norm of every rank (clipping is by the global norm) and the loss;
 - `@loss.stage<k>.update` applies clipping, the schedule and AdamW/SGD to the rank's own parameters.
+
+With expert parallelism the stage's replicas each hold a block of the experts: the interpreter runs `moe_experts`
+and its gradient through `ExpertDispatch` (all-to-all within the replicas), the expert blocks' gradients are not
+all-reduced, and each replica adds its own block's squared norm to the global one.
 """
 
 from __future__ import annotations
@@ -68,9 +72,10 @@ class StageRunner:
         self.step = step
         self.last_grads: StepGradients | None = None
         self.crash_now = False  # fault injection (tests): exit abruptly after this step's first forward
-        # Expert parallelism: the replicas of this stage (dp_group) share the experts; MoE ops exchange tokens.
+        # Expert parallelism: the replicas of this stage (dp_group, whose rank r is replica r, holding expert block
+        # r: expert_shard.take_blocks) share the experts; MoE ops exchange tokens within it.
         self.overrides = (
-            ExpertDispatch(channel, dp_group, replica, pc.expert_parallel, f"stage {rank}").overrides()
+            ExpertDispatch(channel, dp_group, pc.expert_parallel, f"stage {rank}").overrides()
             if pc.expert_parallel > 1
             else None
         )
@@ -127,7 +132,7 @@ class StageRunner:
         ch.flush()
         by_name = dict(zip(plan.grad_params, grads or []))
         # Expert blocks' gradients already sum over every replica's tokens (expert_parallel.py): not all-reduced.
-        shared = list(plan.grad_params)
+        shared = [n for n in plan.grad_params if n not in plan.experts]
         if replicas > 1 and shared:
             by_name.update(zip(shared, self._all_reduce_grads([by_name[n] for n in shared])))
 
