@@ -13,11 +13,12 @@ import traceback
 from typing import Sequence
 
 import r1c
-from r1c import cli_inspect, cli_model, cli_opt, cli_partition, cli_serve, cli_train, cli_tune
+from r1c import cli_generate, cli_inspect, cli_model, cli_opt, cli_partition, cli_serve, cli_train, cli_tune
 
 COMMANDS = (
     cli_model.add_compile,
     cli_model.add_run,
+    cli_generate.add_generate,
     cli_opt.add_opt,
     cli_opt.add_passes,
     cli_inspect.add_stats,
