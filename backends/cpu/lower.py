@@ -67,9 +67,10 @@ class Context:
                 out = var if out == 1 else out * var
         return out
 
-    def tensor(self, t: TensorType) -> relax.TensorType:
-        # fp8 as storage only (quantized caches): the kernels that read it decode by bits (relax_cache.CODE_DTYPE)
-        dt = relax_cache.CODE_DTYPE[t.dtype] if t.dtype == DType.fp8e4m3 else tvm_dtype(t.dtype)
+    def tensor(self, t: TensorType, codes: bool = False) -> relax.TensorType:
+        """codes: t may hold fp8 codes, stored as TVM's float8_e4m3fn for kernels that decode them by bits
+        (relax_cache.CODE_DTYPE); elsewhere fp8 is an error, TVM's own fp8 arithmetic being wrong (0.27)."""
+        dt = relax_cache.code_dtype(t.dtype) if codes and t.dtype == DType.fp8e4m3 else tvm_dtype(t.dtype)
         return relax.TensorType([self(d) for d in t.shape], dt)
 
     def shape(self, v: Value) -> list[Any]:
@@ -89,6 +90,12 @@ class Context:
 
 
 PACKED_USES = {"linear": (1,), "moe_experts": (3, 4, 5)}  # operands the GEMM kernels read as panels
+# ops whose lowerings read fp8 codes by bits: a function argument of fp8 codes may feed these only
+CODE_READERS = ("dequantize", "attention_kvq", "mla_attention_kvq", "paged_write_q", "paged_mla_attention_kvq")
+
+
+def holds_codes(f: Function, v: Value) -> bool:
+    return all(op.name in CODE_READERS for op in f.body if v in op.operands)
 
 
 def packable(f: Function) -> dict[Value, int]:
@@ -115,7 +122,7 @@ def lower(module: Module, entry: str, bound: dict[str, int] | None = None) -> tu
     weights = [op.attrs["name"] for op in params]
     to_pack = packable(f)
     try:
-        args = [relax.Var(a.name, dim.tensor(a.type)) for a in f.args]
+        args = [relax.Var(a.name, dim.tensor(a.type, holds_codes(f, a))) for a in f.args]
         ptypes = [dim.tensor(module.params[op.attrs["name"]].type) for op in params]
     except NotImplementedError as e:
         raise LoweringError(f"{e} (an argument or parameter of @{f.name})") from None

@@ -70,7 +70,8 @@ def _cache_write(bb, ins, op, ctx):
 @lowering("cached_attention")
 def _cached_attention(bb, ins, op, ctx):
     q, _, v, start = op.operands
-    dk, dv = static_dim(q.type.shape[3], "cached_attention: the head dim"), static_dim(v.type.shape[4], "the v head dim")
+    dk = static_dim(q.type.shape[3], "cached_attention: the head dim")
+    dv = static_dim(v.type.shape[4], "the v head dim")
     a = op.attrs
     func = kc.cached_attention(a["layer"], dk, dv, a["scale"], tvm_dtype(q.type.dtype), tvm_dtype(start.type.dtype))
     return [call_kernel(bb, func, "cached_attention", ins, ctx.tensor(op.result.type))]
@@ -99,7 +100,8 @@ def _dequantize(bb, ins, op, ctx):
 def _attention_kvq(bb, ins, op, ctx):
     q, kq, ks, vq, vs, *maps = op.operands
     _dense_only(op, maps)
-    dk, dv = static_dim(q.type.shape[3], "attention_kvq: the head dim"), static_dim(vq.type.shape[3], "the v head dim")
+    dk = static_dim(q.type.shape[3], "attention_kvq: the head dim")
+    dv = static_dim(vq.type.shape[3], "the v head dim")
     func = kc.attention_kvq(dk, dv, op.attrs, tvm_dtype(q.type.dtype), code_dtype(kq.type.dtype),
                             _ones(ks.type.shape), _ones(vs.type.shape))  # fmt: skip
     return [call_kernel(bb, func, "attention_kvq", ins[:5], ctx.tensor(op.result.type))]

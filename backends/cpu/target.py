@@ -142,14 +142,18 @@ class CpuProgram:
             for n in self.plan["weights"]
         ]
 
-    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, inputs: list[Any]) -> list[np.ndarray]:
+        """Inputs are copied into the VM's tensors (the function may overwrite its arguments: an in-place cache
+        write), except a tvm.runtime.Tensor, which is passed as it is: a caller that keeps a paged step's pools as
+        Tensors gets them updated in place, with no copy of the pool per step."""
         import tvm
 
         from r1c.ir.interpreter import bind_dims
 
         bind_dims(self.fn, inputs)  # a shape that does not fit the signature is an error here, not in TVM
-        args = [tvm.runtime.tensor(np.ascontiguousarray(_storage(np.asarray(x), a.type.dtype))) for a, x in
-                zip(self.fn.args, inputs)]  # fmt: skip
+        args = [x if isinstance(x, tvm.runtime.Tensor) else
+                tvm.runtime.tensor(np.ascontiguousarray(_storage(np.asarray(x), a.type.dtype)))
+                for a, x in zip(self.fn.args, inputs)]  # fmt: skip
         out = self.vm["main"](*args, *self.weights)
         outs = list(out) if len(self.fn.results) != 1 else [out]
         # Views of the VM's result tensors, which they keep alive (no copy); DLPack has no fp8, so those are copied.
@@ -181,11 +185,16 @@ def unload(artifact: "Artifact") -> None:
     _PROGRAMS.pop(_key(artifact), None)
 
 
-def run_cpu(artifact: "Artifact", inputs: list[np.ndarray]) -> list[np.ndarray]:
+def program(artifact: "Artifact") -> CpuProgram:
+    """The artifact's loaded program (loaded once, then kept): its run also takes tvm.runtime.Tensor inputs."""
     key = _key(artifact)
     if key not in _PROGRAMS:
         _PROGRAMS[key] = CpuProgram(artifact)
-    return _PROGRAMS[key].run(inputs)
+    return _PROGRAMS[key]
+
+
+def run_cpu(artifact: "Artifact", inputs: list[np.ndarray]) -> list[np.ndarray]:
+    return program(artifact).run(inputs)
 
 
 register_target("cpu", compile_cpu, "TVM Relax, built by LLVM for this machine's CPU, run by the Relax VM", run_cpu)
