@@ -28,6 +28,8 @@ GEMMS = frozenset({"linear", "matmul"})
 FUSED_MOE = "grouped_matmul+swiglu"
 # template launchers that write into (and return) their first n operands: the caches and the paged pools
 IN_PLACE = {"cache_write": 1, "paged_write": 1, "paged_write_q": 2}
+# operands that hold the f32 scales of a quantized KV pool: they stay f32 under `dtype=` (the kernels read f32)
+SCALE_OPERANDS = {"paged_write_q": 1, "paged_mla_attention_kvq": 2}
 _USES = "@@uses@@"  # stands for the header's list of IR ops until every kernel sharing a source is known
 
 
@@ -303,7 +305,9 @@ def lower(module: Module, entry: str) -> dict[str, Any]:
     copy = {f"copy_r{r}.py": ew.copy_source(r) for r in range(1, max_rank + 1)}
     written = {n for s in steps if s.get("in_place") for n in s["inputs"][: IN_PLACE[s["launcher"]]]}
     donated = sorted(written & {a.name for a in f.args})
-    return {"entry": entry, "steps": steps, "donated": donated, "kernels": {**kernels, **copy}}
+    scales = {s["inputs"][SCALE_OPERANDS[s["launcher"]]] for s in steps if s.get("launcher") in SCALE_OPERANDS}
+    scales |= {s["outputs"][1] for s in steps if s.get("launcher") == "paged_write_q"}
+    return {"entry": entry, "steps": steps, "donated": donated, "f32": sorted(scales), "kernels": {**kernels, **copy}}
 
 
 __all__ = ["DEFAULT_PIPELINE", "LoweringError", "lower"]

@@ -83,6 +83,7 @@ class Program:
         self.fn = artifact.module.functions[self.plan["entry"]]
         self.values = {v.name: v for v in self.fn.values()}
         self.float_dtype = FLOAT_DTYPES.get(self.plan.get("dtype") or "")
+        self.keep_f32 = set(self.plan.get("f32", ()))
         params = artifact.module.params
         self.weights = {  # moved (and cast for `dtype=`) once; every run reads these
             name: torch.from_numpy(np.require(w, requirements="C")).to(
@@ -151,8 +152,14 @@ class Program:
         t2 = self.as_shape(t, (-1, n)) if t.numel() else t.reshape(-1, n)
         return t2 if t2.stride(1) == 1 or n == 1 else self.contiguous(t2)
 
+    def value_dtype(self, value_name: str) -> torch.dtype:
+        """The torch dtype of a value: its IR dtype under `dtype=`, except KV-pool scales, which stay float32."""
+        if value_name in self.keep_f32:
+            return torch.float32
+        return self.dtype_of(self.values[value_name].type.dtype)
+
     def empty(self, shape: tuple[int, ...], value_name: str) -> torch.Tensor:
-        return self._alloc(shape, self.dtype_of(self.values[value_name].type.dtype))
+        return self._alloc(shape, self.value_dtype(value_name))
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=self.device)
@@ -370,7 +377,7 @@ class Program:
     def to_device(self, inputs: list[np.ndarray]) -> list[torch.Tensor]:
         return [
             torch.from_numpy(np.require(x, np.int32 if x.dtype.kind in "iu" else x.dtype, "C")).to(
-                self.device, self.dtype_of(a.type.dtype)
+                self.device, self.value_dtype(a.name)
             )
             for a, x in zip(self.fn.args, inputs)
         ]

@@ -57,20 +57,12 @@ class CudaExecutor:
         return outs[0], list(outs[1:])
 
     def step(
-        self,
-        tokens: np.ndarray,
-        pools: list[torch.Tensor],
-        block_table: np.ndarray,
-        start: np.ndarray,
-        *,
-        last_only: bool = False,
+        self, tokens: np.ndarray, pools: list[torch.Tensor], block_table: np.ndarray, start: np.ndarray
     ) -> tuple[np.ndarray, list[Any]]:
-        """The executor protocol's step: float32 logits [B, S, V] on the host ([B, 1, V] of the last position with
-        last_only, which saves moving B * S * V floats after a prefill)."""
+        """The executor protocol's step: float32 logits [B, S, V] on the host (every position: the engine's
+        speculative verify reads them all)."""
         up = lambda x: torch.from_numpy(np.ascontiguousarray(x, np.int32)).to(self.device)  # noqa: E731
         logits, pools = self.step_device(up(tokens), pools, up(block_table), up(start))
-        if last_only:
-            logits = logits[:, -1:]
         return logits.float().cpu().numpy(), pools
 
 
