@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from r1c.backends import TargetError, check_options, optimized_entry, register_target
-from r1c.backends.cpu.kernels import pack_panels
 
 if TYPE_CHECKING:
     from r1c.artifact import Artifact
@@ -127,6 +126,8 @@ class CpuProgram:
     def __init__(self, artifact: "Artifact") -> None:
         import tvm
         from tvm import relax
+
+        from r1c.backends.cpu.kernels import pack_panels  # imports tvm: loading the target registry must not
 
         path = Path(artifact.path)
         self.plan = json.loads((path / PLAN_FILE).read_text())
