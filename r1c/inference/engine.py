@@ -245,12 +245,12 @@ class Engine:
             by_len.setdefault(len(r.tokens) - r.cached, []).append(r)
         for group in by_len.values():
             t0 = time.perf_counter()
-            logits = self.run_step(group, [r.tokens[r.cached :] for r in group])
+            tokens = self.next_tokens(group, [r.tokens[r.cached :] for r in group])
             self.stats.prefill_seconds += time.perf_counter() - t0
             self.stats.prefill_tokens += sum(len(r.tokens) - r.cached for r in group)
-            for r, row in zip(group, logits):
+            for r, token in zip(group, tokens):
                 r.cached = len(r.tokens)
-                events.append(self.emit(r, sample(row[-1], r.params, r.rng)))
+                events.append(self.emit(r, token))
         return events
 
     def _decode(self, reqs: list[Request]) -> list[TokenEvent]:
@@ -258,15 +258,15 @@ class Engine:
         if not reqs:
             return []
         t0 = time.perf_counter()
-        logits = self.run_step(reqs, [[r.tokens[-1]] for r in reqs])
+        tokens = self.next_tokens(reqs, [[r.tokens[-1]] for r in reqs])
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_calls += 1
         self.stats.decode_rows += len(reqs)
         self.stats.decode_tokens += len(reqs)
         events = []
-        for r, row in zip(reqs, logits):
+        for r, token in zip(reqs, tokens):
             r.cached += 1
-            events.append(self.emit(r, sample(row[0], r.params, r.rng)))
+            events.append(self.emit(r, token))
         return events
 
     def make_room(self, reqs: list[Request]) -> list[Request]:
@@ -290,14 +290,23 @@ class Engine:
         if self.speculator:
             self.speculator.forget(req)
 
-    def run_step(self, reqs: list[Request], feeds: list[list[int]]) -> np.ndarray:
-        """One paged step of the target for rows `reqs`, each fed its equal-length `feeds` row at its `cached`."""
+    def run_step(self, reqs: list[Request], feeds: list[list[int]], out: str = "all") -> np.ndarray:
+        """One paged step of the target for rows `reqs`, each fed its equal-length `feeds` row at its `cached`;
+        `out` says what comes back (executor.OUTPUTS)."""
         tokens = np.asarray(feeds, np.int32)
         table = self.pages.block_table([r.id for r in reqs], self.table_width)
         start = np.asarray([r.cached for r in reqs], np.int32)
-        logits, self.pools = self.executor.step(tokens, self.pools, table, start)
+        result, self.pools = self.executor.step(tokens, self.pools, table, start, out=out)
         self.stats.target_calls += 1
-        return logits
+        return result
+
+    def next_tokens(self, reqs: list[Request], feeds: list[list[int]]) -> list[int]:
+        """The token each row samples after its feed: an all-greedy batch asks the executor for the argmax alone
+        (on a GPU, B ids cross to the host instead of B x V logits), any other for the last position's logits."""
+        if all(r.params.greedy for r in reqs):
+            return [int(t) for t in self.run_step(reqs, feeds, out="argmax")]
+        logits = self.run_step(reqs, feeds, out="last")
+        return [sample(row[0], r.params, r.rng) for r, row in zip(reqs, logits)]
 
     def emit(self, req: Request, token: int) -> TokenEvent:
         """Append a sampled token to req's output; finish it if a stop condition or the context limit is reached."""

@@ -108,8 +108,15 @@ def pool_shapes(sig: PagedSignature, num_pages: int, page_size: int) -> list[tup
     return out
 
 
+# What a step hands back to the host (executors of device targets reduce on the device before the copy):
+# "all": float32 logits [B, S, V] (speculative verification reads every position); "last": [B, 1, V], the last
+# position (prefill and plain decode sample from it); "argmax": int64 [B], the last position's argmax (the first
+# index of the maximum, as np.argmax), for batches of greedy requests.
+OUTPUTS = ("all", "last", "argmax")
+
+
 class Executor(Protocol):
-    """One paged step of one compiled model; `step` returns the logits as float32 numpy and the updated pools."""
+    """One paged step of one compiled model; `step` returns what `out` asks for (OUTPUTS) and the updated pools."""
 
     target: str
     signature: PagedSignature
@@ -118,8 +125,19 @@ class Executor(Protocol):
     def new_pools(self, num_pages: int, page_size: int) -> list[Any]: ...
 
     def step(
-        self, tokens: np.ndarray, pools: list[Any], block_table: np.ndarray, start: np.ndarray
+        self, tokens: np.ndarray, pools: list[Any], block_table: np.ndarray, start: np.ndarray, out: str = "all"
     ) -> tuple[np.ndarray, list[Any]]: ...
+
+
+def host_output(logits: np.ndarray, out: str) -> np.ndarray:
+    """`out` of a step's host logits [B, S, V]."""
+    if out == "all":
+        return np.asarray(logits, np.float32)
+    if out == "last":
+        return np.asarray(logits[:, -1:], np.float32)
+    if out == "argmax":
+        return np.asarray(logits[:, -1]).argmax(axis=-1)
+    raise ValueError(f"step output must be one of {', '.join(OUTPUTS)}, got {out!r}")
 
 
 class RefExecutor:
@@ -142,11 +160,11 @@ class RefExecutor:
         # Stored as the interpreter holds the dtype (fp8 codes widened to float32, exactly).
         return [to_storage(np.zeros(s, np.float32), d) for s, d in pool_shapes(self.signature, num_pages, page_size)]
 
-    def step(self, tokens, pools, block_table, start):
+    def step(self, tokens, pools, block_table, start, out="all"):
         from r1c.ir.interpreter import run_function
 
         outs = run_function(self.module, self.signature.fn, [tokens, *pools, block_table, start], self.weights)
-        return np.asarray(outs[0], np.float32), outs[1:]
+        return host_output(outs[0], out), outs[1:]
 
 
 def _ref_executor(artifact: Artifact, entry: str | None) -> RefExecutor:
@@ -184,10 +202,10 @@ class CpuExecutor:
             for s, d in pool_shapes(self.signature, num_pages, page_size)
         ]
 
-    def step(self, tokens, pools, block_table, start):
+    def step(self, tokens, pools, block_table, start, out="all"):
         outs = self.program.run([tokens, *pools, block_table, start])
-        kept = [held if _same_buffer(held, out) else self._tensor(out) for held, out in zip(pools, outs[1:])]
-        return np.asarray(outs[0], np.float32), kept
+        kept = [held if _same_buffer(held, res) else self._tensor(res) for held, res in zip(pools, outs[1:])]
+        return host_output(outs[0], out), kept
 
     @staticmethod
     def _tensor(x: np.ndarray) -> Any:

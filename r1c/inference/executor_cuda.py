@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from r1c.artifact import Artifact, ArtifactError
-from r1c.inference.executor import fixed_dims, paged_signature, pool_shapes, register_executor
+from r1c.inference.executor import OUTPUTS, fixed_dims, paged_signature, pool_shapes, register_executor
 
 
 class CudaExecutor:
@@ -57,13 +57,22 @@ class CudaExecutor:
         return outs[0], list(outs[1:])
 
     def step(
-        self, tokens: np.ndarray, pools: list[torch.Tensor], block_table: np.ndarray, start: np.ndarray
+        self,
+        tokens: np.ndarray,
+        pools: list[torch.Tensor],
+        block_table: np.ndarray,
+        start: np.ndarray,
+        out: str = "all",
     ) -> tuple[np.ndarray, list[Any]]:
-        """The executor protocol's step: float32 logits [B, S, V] on the host (every position: the engine's
-        speculative verify reads them all)."""
+        """The executor protocol's step (executor.OUTPUTS), reduced on the GPU before the copy to the host: a greedy
+        batch moves B token ids instead of B x V logits, a prefill the last position instead of all S."""
         up = lambda x: torch.from_numpy(np.ascontiguousarray(x, np.int32)).to(self.device)  # noqa: E731
         logits, pools = self.step_device(up(tokens), pools, up(block_table), up(start))
-        return logits.float().cpu().numpy(), pools
+        if out == "argmax":
+            return logits[:, -1].argmax(dim=-1).cpu().numpy(), pools
+        if out not in OUTPUTS:
+            raise ValueError(f"step output must be one of {', '.join(OUTPUTS)}, got {out!r}")
+        return (logits[:, -1:] if out == "last" else logits).float().cpu().numpy(), pools
 
 
 register_executor("cuda", CudaExecutor)

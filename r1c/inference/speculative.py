@@ -140,10 +140,10 @@ class Speculator:
         sel = [reqs[i] for i in rows]
         table = eng.pages.block_table([r.id for r in sel], eng.table_width)
         start = np.asarray([self.cached[r.id] for r in sel], np.int32)
-        logits, self.pools = self.draft.step(np.asarray(feeds, np.int32), self.pools, table, start)
+        logits, self.pools = self.draft.step(np.asarray(feeds, np.int32), self.pools, table, start, out="last")
         eng.stats.draft_calls += 1
         for i, r, f, row in zip(rows, sel, feeds, logits):
             self.cached[r.id] += len(f)
-            dist = probs(row[-1], r.params)
+            dist = probs(row[0], r.params)
             drafts[i].append(_pick(dist, r.rng))
             q[i].append(dist)

@@ -117,3 +117,25 @@ def test_cpu_engine_with_quantized_pools(tiny, tmp_path, dtype):
     ref = executor_for(PassManager(pipeline).run(m), weights=w)
     want = Engine(ref, page_size=4, num_pages=32).generate(prompts, params)
     assert Engine(art, page_size=4, num_pages=32).generate(prompts, params) == want
+
+
+def test_step_outputs_and_greedy_batches_ask_for_the_argmax(tiny_ref):
+    """`out`: every position, the last one, or its argmax (what an all-greedy batch asks for, so a GPU executor
+    moves B ids instead of B x V logits); a mixed batch asks for the last position's logits."""
+    ex = executor_for(tiny_ref)
+    tokens = np.random.default_rng(4).integers(0, 512, (2, 5)).astype(np.int32)
+    table, start = np.array([[0, 1], [2, 3]], np.int32), np.zeros(2, np.int32)
+    outs = {o: ex.step(tokens, ex.new_pools(4, 4), table, start, out=o)[0] for o in ("all", "last", "argmax")}
+    assert outs["all"].shape == (2, 5, 512)
+    np.testing.assert_array_equal(outs["last"], outs["all"][:, -1:])
+    np.testing.assert_array_equal(outs["argmax"], outs["all"][:, -1].argmax(axis=-1))
+    with pytest.raises(ValueError, match="step output must be one of all, last, argmax"):
+        ex.step(tokens, ex.new_pools(4, 4), table, start, out="probs")
+    engine, asked = Engine(tiny_ref, page_size=4), []
+    inner = engine.executor.step
+    engine.executor.step = lambda *a, out="all": asked.append(out) or inner(*a, out=out)
+    greedy, sampled = SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=2, temperature=0.8, seed=1)
+    engine.generate([[1, 2, 3], [4, 5, 6]], [greedy, greedy])
+    assert asked == ["argmax", "argmax"]
+    engine.generate([[1, 2, 3], [4, 5, 6]], [greedy, sampled])
+    assert asked[2:] == ["last", "last"]

@@ -210,6 +210,13 @@ def test_r1_tiny_paged_step_matches_ref(tmp_path, quant):
         got, pools = ex.step(toks, pools, table, start)
         assert rel_np(got, want) < tol
         start += 1
+    # the reduced outputs the engine asks for, taken on the device: the last position and its argmax
+    toks = rng.integers(0, 512, (2, 2)).astype(np.int32)  # two tokens: the last position is not the first
+    want, ref_pools = ref.step(toks, ref_pools, table, start)
+    last, pools = ex.step(toks, pools, table, start, out="last")
+    assert last.shape == (2, 1, 512) and rel_np(last, want[:, -1:]) < tol
+    ids, pools = ex.step(toks, pools, table, start, out="argmax")  # the same step again: the same slots rewritten
+    np.testing.assert_array_equal(ids, want[:, -1].argmax(axis=-1))
     for dev, host in zip(pools, ref_pools):  # whole pools: the written slots and the untouched ones
         assert rel(dev, host) < tol
 
