@@ -18,51 +18,14 @@ import pytest
 
 import r1c
 from r1c.cli import main
-from r1c.distributed.launch import RankOutcome, TrainSpec, spawn_training, train_rank
+from r1c.distributed.launch import TrainSpec, spawn_training, train_rank
 from r1c.distributed.program import DistributedError, PipelineConfig, build_pipeline
-from r1c.ir import run
-from r1c.train.config import TrainConfig
-from r1c.train.data import Batches, load_tokens
-from r1c.train.runtime import Trainer, initial_state
-from r1c.train.step import build_train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples/r1-tiny.r1"
 CORPUS = ROOT / "examples/data/tiny-corpus.txt"
 TOL = 1e-5
 TIMEOUT_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def setup() -> tuple[r1c.ir.Module, TrainConfig, np.ndarray]:
-    base = r1c.load(TINY)
-    cfg = TrainConfig.from_attrs(base.attrs, batch=4, seq=8, steps=2)  # clipping is active (norm about 5)
-    return base, cfg, load_tokens(CORPUS, 512)
-
-
-@pytest.fixture(scope="module")
-def reference(setup) -> dict:
-    """The single-process run: first-step loss and gradients (@loss_grad), state after two @train_step steps."""
-    base, cfg, tokens = setup
-    module = build_train_step(base, cfg)
-    state = initial_state(base, module, cfg.seed)
-    tk, lb = Batches(tokens, cfg.batch, cfg.seq, cfg.seed).next()
-    loss, *grads = run(module, [tk, lb], state, function="loss_grad")
-    trainer = Trainer(module, dict(state), Batches(tokens, cfg.batch, cfg.seq, cfg.seed))
-    history = [trainer.run_step(), trainer.run_step()]
-    return {
-        "loss": float(loss),
-        "grads": dict(zip(module.attrs["grad_params.loss"], grads)),
-        "state": trainer.state,
-        "losses": [r.loss for r in history],
-        "norms": [r.grad_norm for r in history],
-    }
-
-
-def _ok(outcomes: list[RankOutcome]) -> list:
-    failed = [f"rank {o.rank}: {o.error}" for o in outcomes if not o.ok]
-    assert not failed, "\n".join(failed)
-    return [o.result for o in outcomes]
 
 
 def _whole(name: str, rows: dict[str, tuple[int, int]], full: np.ndarray) -> np.ndarray:
@@ -93,13 +56,13 @@ def _check(results: list, reference: dict, replicas: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(setup, tmp_path_factory) -> tuple[list, Path]:
+def two_rank_run(setup, ok, tmp_path_factory) -> tuple[list, Path]:
     """--expert-parallel 2 (2 processes, 4 experts each), 2 micro-batches per replica; checkpoints every step."""
     base, cfg, tokens = setup
     out = tmp_path_factory.mktemp("ep2")
     pc = PipelineConfig(1, 2, "gpipe", TIMEOUT_S, data_parallel=2, expert_parallel=2)
     spec = TrainSpec(str(TINY), cfg, pc, tokens, out=str(out), save_every=1, keep_grads=True)
-    return _ok(spawn_training(spec)), out
+    return ok(spawn_training(spec)), out
 
 
 def test_two_ranks_match_single_process(two_rank_run, reference) -> None:
@@ -112,26 +75,26 @@ def test_two_ranks_match_single_process(two_rank_run, reference) -> None:
     ]
 
 
-def test_four_ranks_pipeline_and_experts_match_single_process(setup, reference) -> None:
+def test_four_ranks_pipeline_and_experts_match_single_process(setup, reference, ok) -> None:
     """--pipeline 2 --expert-parallel 2 (4 processes): the experts of each stage split over its 2 replicas."""
     base, cfg, tokens = setup
     pc = PipelineConfig(2, 1, "1f1b", TIMEOUT_S, data_parallel=2, expert_parallel=2)
-    _check(_ok(spawn_training(TrainSpec(str(TINY), cfg, pc, tokens, keep_grads=True))), reference, 2)
+    _check(ok(spawn_training(TrainSpec(str(TINY), cfg, pc, tokens, keep_grads=True))), reference, 2)
 
 
-def test_four_ranks_match_single_process(setup, reference) -> None:
+def test_four_ranks_match_single_process(setup, reference, ok) -> None:
     """--expert-parallel 4 (4 processes, 2 experts and 1 batch row each)."""
     base, cfg, tokens = setup
     pc = PipelineConfig(1, 1, "gpipe", TIMEOUT_S, data_parallel=4, expert_parallel=4)
-    _check(_ok(spawn_training(TrainSpec(str(TINY), cfg, pc, tokens, keep_grads=True))), reference, 4)
+    _check(ok(spawn_training(TrainSpec(str(TINY), cfg, pc, tokens, keep_grads=True))), reference, 4)
 
 
-def test_checkpoint_resumes_without_expert_parallelism(two_rank_run, setup, reference) -> None:
+def test_checkpoint_resumes_without_expert_parallelism(two_rank_run, setup, reference, ok) -> None:
     """Step 1 on 2 expert-parallel ranks, step 2 on a 2-stage pipeline without expert parallelism from its
     checkpoint (the expert blocks joined by name): the single-process state after two steps."""
     (_, out), (_, cfg, tokens) = two_rank_run, setup
     spec = TrainSpec(str(TINY), cfg, PipelineConfig(2, 1, "gpipe", TIMEOUT_S), tokens, resume=str(out / "checkpoint-1"))
-    results = _ok(spawn_training(spec))
+    results = ok(spawn_training(spec))
     assert [h.loss for h in results[0].history] == pytest.approx(reference["losses"], abs=TOL)
     merged = {n: v for r in results for n, v in r.state.items()}
     assert set(merged) == set(reference["state"])

@@ -18,53 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import r1c
-from r1c.distributed.launch import RankOutcome, TrainSpec, spawn_training, train_rank
+from r1c.distributed.launch import TrainSpec, spawn_training, train_rank
 from r1c.distributed.program import DistributedError, PipelineConfig, build_pipeline
-from r1c.ir import run
-from r1c.train.config import TrainConfig
-from r1c.train.data import Batches, load_tokens
-from r1c.train.runtime import Trainer, initial_state
-from r1c.train.step import build_train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples/r1-tiny.r1"
 CORPUS = ROOT / "examples/data/tiny-corpus.txt"
 TOL = 1e-5
 TIMEOUT_S = 30.0  # gloo's per-transfer timeout in these tests; a dead peer is normally seen at once
-
-
-@pytest.fixture(scope="module")
-def setup() -> tuple[r1c.ir.Module, TrainConfig, np.ndarray]:
-    base = r1c.load(TINY)
-    # batch 4 = 2 micro-batches of 2; clipping (train.clip = 1.0) is active: the gradient norm is about 5.
-    cfg = TrainConfig.from_attrs(base.attrs, batch=4, seq=8, steps=2)
-    return base, cfg, load_tokens(CORPUS, 512)
-
-
-@pytest.fixture(scope="module")
-def reference(setup) -> dict:
-    """The single-process run: first-step loss and gradients (@loss_grad), state after two @train_step steps."""
-    base, cfg, tokens = setup
-    module = build_train_step(base, cfg)
-    state = initial_state(base, module, cfg.seed)
-    tk, lb = Batches(tokens, cfg.batch, cfg.seq, cfg.seed).next()
-    loss, *grads = run(module, [tk, lb], state, function="loss_grad")
-    trainer = Trainer(module, dict(state), Batches(tokens, cfg.batch, cfg.seq, cfg.seed))
-    history = [trainer.run_step(), trainer.run_step()]
-    return {
-        "loss": float(loss),
-        "grads": dict(zip(module.attrs["grad_params.loss"], grads)),
-        "state": trainer.state,
-        "losses": [r.loss for r in history],
-        "norms": [r.grad_norm for r in history],
-    }
-
-
-def _ok(outcomes: list[RankOutcome]) -> list:
-    failed = [f"rank {o.rank}: {o.error}" for o in outcomes if not o.ok]
-    assert not failed, "\n".join(failed)
-    return [o.result for o in outcomes]
 
 
 def _check_against_reference(results: list, reference: dict, stages: int) -> None:
@@ -88,13 +49,13 @@ def _check_against_reference(results: list, reference: dict, stages: int) -> Non
 
 
 @pytest.fixture(scope="module")
-def two_stage_run(setup, tmp_path_factory) -> tuple[list, Path]:
+def two_stage_run(setup, ok, tmp_path_factory) -> tuple[list, Path]:
     """2 ranks, 1F1B over 4 micro-batches of 1 sequence (stage 0 runs F0 F1 B0 F2 B1 F3 B2 B3); saves per-stage
     checkpoints after step 1 (for the resume test)."""
     base, cfg, tokens = setup
     out = tmp_path_factory.mktemp("pp2")
     spec = TrainSpec(str(TINY), cfg, PipelineConfig(2, 4, "1f1b", TIMEOUT_S), tokens, out=str(out), save_every=1)
-    return _ok(spawn_training(replace(spec, keep_grads=True))), out
+    return ok(spawn_training(replace(spec, keep_grads=True))), out
 
 
 def test_two_stages_1f1b_match_single_process(two_stage_run, reference) -> None:
@@ -102,19 +63,19 @@ def test_two_stages_1f1b_match_single_process(two_stage_run, reference) -> None:
     _check_against_reference(results, reference, 2)
 
 
-def test_four_stages_gpipe_match_single_process(setup, reference) -> None:
+def test_four_stages_gpipe_match_single_process(setup, reference, ok) -> None:
     base, cfg, tokens = setup
     spec = TrainSpec(str(TINY), cfg, PipelineConfig(4, 2, "gpipe", TIMEOUT_S), tokens, keep_grads=True)
-    _check_against_reference(_ok(spawn_training(spec)), reference, 4)
+    _check_against_reference(ok(spawn_training(spec)), reference, 4)
 
 
-def test_data_parallel_replicas_match_single_process(setup, reference, tmp_path) -> None:
+def test_data_parallel_replicas_match_single_process(setup, reference, ok, tmp_path) -> None:
     """2 stages x 2 replicas (4 processes): each replica trains on 2 of the 4 rows in 2 micro-batches and the
     gradients are all-reduced per stage: the single-process step; both replicas hold the same state, and replica 0
     writes the usual per-stage checkpoint."""
     base, cfg, tokens = setup
     pc = PipelineConfig(2, 2, "1f1b", TIMEOUT_S, data_parallel=2)
-    results = _ok(spawn_training(TrainSpec(str(TINY), cfg, pc, tokens, out=str(tmp_path), keep_grads=True)))
+    results = ok(spawn_training(TrainSpec(str(TINY), cfg, pc, tokens, out=str(tmp_path), keep_grads=True)))
     files = ["manifest.json", "stage-0.safetensors", "stage-1.safetensors"]
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == files
     _check_against_reference(results[:2], reference, 2)  # replica 0: ranks 0 and 1
@@ -125,13 +86,13 @@ def test_data_parallel_replicas_match_single_process(setup, reference, tmp_path)
         assert [h.loss for h in first.history] == [h.loss for h in second.history]
 
 
-def test_checkpoint_from_two_stages_resumes_on_four(two_stage_run, setup, reference) -> None:
+def test_checkpoint_from_two_stages_resumes_on_four(two_stage_run, setup, reference, ok) -> None:
     """Step 1 trained on 2 stages, step 2 on 4 stages from its per-stage checkpoint: the single-process result."""
     (_, out), (_, cfg, tokens) = two_stage_run, setup
     ckpt = out / "checkpoint-1"
     assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "stage-0.safetensors", "stage-1.safetensors"]
     spec = TrainSpec(str(TINY), cfg, PipelineConfig(4, 1, "gpipe", TIMEOUT_S), tokens, resume=str(ckpt))
-    results = _ok(spawn_training(spec))
+    results = ok(spawn_training(spec))
     for r in results:
         assert [h.step for h in r.history] == [1, 2]  # the history travels with the checkpoint
         assert [h.loss for h in r.history] == pytest.approx(reference["losses"], abs=TOL)
