@@ -156,8 +156,8 @@ def init_from_env(timeout_s: float, command: str = "train") -> tuple[int, int]:
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise DistributedError(
-            f"--pipeline runs one process per stage: start it with `torchrun --nproc-per-node S r1c {command} ...` "
-            f"(the environment has no {', '.join(missing)})"
+            f"--pipeline / --data-parallel / --expert-parallel run one process per rank (S x R): start it with "
+            f"`torchrun --nproc-per-node N r1c {command} ...` (the environment has no {', '.join(missing)})"
         )
     timeout = timedelta(seconds=timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

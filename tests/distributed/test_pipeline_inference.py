@@ -93,7 +93,7 @@ def test_bad_options_are_errors(batch, tmp_path, capsys, monkeypatch) -> None:
     write(cpu_art, base, init_weights(base, 0), "cpu")
     rows = _tokens_args(batch)
     for argv, words in (
-        ([str(TINY), *rows, "--pipeline", "2"], "start it with `torchrun --nproc-per-node S r1c run ...`"),
+        ([str(TINY), *rows, "--pipeline", "2"], "start it with `torchrun --nproc-per-node N r1c run ...`"),
         ([str(TINY), *rows, "--pipeline", "1"], "--pipeline needs at least 2 stages, got 1"),
         ([str(TINY), *rows, "--pipeline", "2", "--micro-batches", "3"], "must be a multiple of --micro-batches (3)"),
         ([str(TINY), *rows, "--pipeline", "64"], "too few for 64 stages"),
