@@ -5,8 +5,8 @@ Acceptance needs a draft that agrees with the target, which random weights do no
 trained first on the bundled byte-level corpus with the reference trainer (r1c.train): the target is r1-tiny
 widened (`--target-set`, default hidden 256, 4 layers, so a step costs more than the runtime's per-call overhead),
 the draft r1-tiny cut to one layer at the same width. Prompts are slices of that corpus, text both models were
-trained on, so the acceptance is what a draft reaches on in-distribution text; plain and speculative decoding of the same prompts take turns over 9 rounds after a warm-up pass each, and
-the medians are compared.
+trained on, so the acceptance is what a draft reaches on in-distribution text. Plain and speculative decoding of the
+same prompts take turns over 9 rounds after a warm-up pass each, and the medians are compared.
 
     python bench/speculative_cpu.py                    # -> bench/results/speculative_cpu.json
 """
