@@ -153,7 +153,7 @@ class CpuProgram:
 
         bind_dims(self.fn, inputs)  # a shape that does not fit the signature is an error here, not in TVM
         args = [x if isinstance(x, tvm.runtime.Tensor) else
-                tvm.runtime.tensor(np.ascontiguousarray(_storage(np.asarray(x), a.type.dtype)))
+                tvm.runtime.tensor(np.ascontiguousarray(vm_storage(np.asarray(x), a.type.dtype)))
                 for a, x in zip(self.fn.args, inputs)]  # fmt: skip
         out = self.vm["main"](*args, *self.weights)
         outs = list(out) if len(self.fn.results) != 1 else [out]
@@ -161,7 +161,7 @@ class CpuProgram:
         return [o.numpy() if "float8" in str(o.dtype) else np.from_dlpack(o) for o in outs]
 
 
-def _storage(x: np.ndarray, dtype: "DType") -> np.ndarray:
+def vm_storage(x: np.ndarray, dtype: "DType") -> np.ndarray:
     """x as the VM takes it: the interpreter's storage, fp8e4m3 (float32 values on the e4m3 grid there) as
     ml_dtypes' float8_e4m3fn, converted exactly on the host (TVM's own fp8 casts are wrong in 0.27)."""
     import ml_dtypes

@@ -195,10 +195,10 @@ class CpuExecutor:
         self.fixed = fixed_dims(self.signature, self.program.plan.get("shapes") or {})
 
     def new_pools(self, num_pages: int, page_size: int) -> list[Any]:
-        from r1c.backends.cpu.target import _storage
+        from r1c.backends.cpu.target import vm_storage
 
         return [
-            self._tensor(_storage(np.zeros(s, np.float32), d))
+            self._tensor(vm_storage(np.zeros(s, np.float32), d))
             for s, d in pool_shapes(self.signature, num_pages, page_size)
         ]
 
