@@ -1,5 +1,5 @@
 """`r1c compile` (model -> artifact directory) and `r1c run` (artifact + token ids -> next-token logits, in one
-process or pipelined over S processes with `--pipeline S`)."""
+process, pipelined over S processes with `--pipeline S`, or with the experts split E ways by `--expert-parallel E`)."""
 
 from __future__ import annotations
 
@@ -131,8 +131,20 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         "--pipeline", type=int, metavar="S", help="pipelined over S stages (one process per stage, gloo, reference "
         "interpreter): start with `torchrun --nproc-per-node S r1c run ...`; see docs/distributed.md",
     )  # fmt: skip
-    p.add_argument("--micro-batches", type=int, metavar="M", help="with --pipeline: micro-batches (1); divides B")
-    p.add_argument("--timeout", type=float, metavar="SEC", help="with --pipeline: gloo timeout in seconds (300)")
+    p.add_argument(
+        "--expert-parallel", type=int, metavar="E", help="split the rows and the routed experts over E replicas "
+        "(E processes, S * E with --pipeline S; E divides the experts and the rows); see docs/distributed.md",
+    )  # fmt: skip
+    p.add_argument(
+        "--micro-batches", type=int, metavar="M", help="with --pipeline / --expert-parallel: micro-batches per "
+        "replica (1); M * E divides B",
+    )  # fmt: skip
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SEC",
+        help="with --pipeline / --expert-parallel: gloo timeout in seconds (300)",
+    )
     p.set_defaults(run=run_run)
 
 
@@ -165,22 +177,23 @@ def run_run(args: argparse.Namespace) -> int:
         raise InputError(f"--top must be >= 1, got {args.top}")
     if args.output and not args.output.endswith(".npy"):
         raise InputError(f"--output {args.output}: logits are saved as .npy; use a name ending in .npy")
-    if args.pipeline is None and (args.micro_batches is not None or args.timeout is not None):
-        raise InputError("--micro-batches and --timeout apply to --pipeline runs only")
+    distributed = args.pipeline is not None or args.expert_parallel is not None
+    if not distributed and (args.micro_batches is not None or args.timeout is not None):
+        raise InputError("--micro-batches and --timeout apply to --pipeline / --expert-parallel runs only")
     art = load_source(args.artifact, parse_sets(args.sets), args.seed, args.weights)
     f = art.module.functions[art.entry]
     if len(f.args) != 1 or f.args[0].type.dtype.is_float or f.args[0].type.rank != 2:
         sig = ", ".join(f"%{a.name}: {a.type}" for a in f.args)
         raise InputError(f"r1c run feeds one token tensor [B, S]; @{f.name} takes ({sig})")
     tokens = parse_tokens(args.tokens)
-    if args.pipeline is not None:
+    if distributed:
         from r1c.distributed.cli import run_pipeline_infer
 
         try:
             outputs = run_pipeline_infer(args, art, tokens)
         except DistributedError as e:
             raise InputError(str(e)) from None
-        if outputs is None:  # not the last stage: the last rank prints
+        if outputs is None:  # not the last stage of replica 0, which prints
             return 0
     else:
         outputs = art.run([tokens])

@@ -131,8 +131,8 @@ def _agree_on_resume(out: Path, channel: Channel) -> tuple[str | None, int]:
 
 
 def run_pipeline_infer(args: argparse.Namespace, art: Artifact, tokens: np.ndarray) -> list[np.ndarray] | None:
-    """This rank's part of the pipelined forward; the last rank returns the entry function's results, the others
-    None (they print nothing: the last rank prints what `r1c run` prints)."""
+    """This rank's part of the pipelined (and/or expert-parallel) forward; the last stage of replica 0 returns the
+    entry function's results, the others None (they print nothing: that rank prints what `r1c run` prints)."""
     import torch.distributed as dist
 
     from r1c.distributed.comm import PeerError
@@ -140,17 +140,21 @@ def run_pipeline_infer(args: argparse.Namespace, art: Artifact, tokens: np.ndarr
     from r1c.distributed.launch import init_from_env
     from r1c.distributed.program import DistributedError, PipelineConfig
 
+    # --expert-parallel E alone: one stage, E replicas (the experts are split over the replicas).
+    ep = args.expert_parallel if args.expert_parallel is not None else 1
     pc = PipelineConfig(
-        args.pipeline,
+        args.pipeline if args.pipeline is not None else 1,
         args.micro_batches if args.micro_batches is not None else 1,
         "gpipe",  # forward only: both schedules are the same stream of forwards
         args.timeout if args.timeout is not None else 300.0,
+        ep,
+        ep,
     )
-    # Before joining the job: a bad option or a partition that cannot be made (more stages than layers) fails at
-    # once on every rank, without a transfer.
+    # Before joining the job: a bad option, a partition that cannot be made (more stages than layers), experts
+    # that do not split E ways or the wrong process count fails at once on every rank, without a transfer.
     check_runnable(art, tokens, pc)
     built = build_inference(art.module, art.entry, pc, tokens.shape[0], tokens.shape[1])
-    rank, world = init_from_env(pc.timeout_s, "run")
+    rank, world = init_from_env(pc.timeout_s, "run", pc)
     try:
         outputs = run_stage(rank, world, art, tokens, pc, built)
     except (PeerError, DistributedError) as e:

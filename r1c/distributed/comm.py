@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 
 # Tags keep the two directions and the micro-batches apart; the ranks' orders already match, this makes a
-# mismatch an error (a wrong-shape receive) rather than silently swapped data.
-FORWARD, BACKWARD = 0, 1
+# mismatch an error (a wrong-shape receive) rather than silently swapped data. GATHER: a replica's results sent to
+# the rank that joins them (expert-parallel inference); its "micro-batch" is the sending replica.
+FORWARD, BACKWARD, GATHER = 0, 1, 2
+_CARRIES = ("activation {i} of micro-batch {m}", "cotangent {i} of micro-batch {m}", "result {i} of replica {m}")
 
 
 class PeerError(RuntimeError):
@@ -22,7 +24,7 @@ class PeerError(RuntimeError):
 
 
 def tag(kind: int, micro_batch: int, index: int) -> int:
-    return (micro_batch * 2 + kind) * 4096 + index
+    return (micro_batch * len(_CARRIES) + kind) * 4096 + index
 
 
 class Channel:
@@ -43,7 +45,7 @@ class Channel:
         """Start sending; `flush` waits for completion (the receiver may not have posted its receive yet)."""
         for i, x in enumerate(arrays):
             t = _to_tensor(x)
-            what = f"sending {'activation' if kind == FORWARD else 'cotangent'} {i} of micro-batch {micro_batch}"
+            what = "sending " + _CARRIES[kind].format(i=i, m=micro_batch)
             try:
                 work = dist.isend(t, dst, tag=tag(kind, micro_batch, i))
             except RuntimeError as e:
@@ -56,7 +58,7 @@ class Channel:
         out = []
         for i, (shape, dtype) in enumerate(specs):
             t = torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)))
-            what = f"receiving {'activation' if kind == FORWARD else 'cotangent'} {i} of micro-batch {micro_batch}"
+            what = "receiving " + _CARRIES[kind].format(i=i, m=micro_batch)
             try:
                 dist.recv(t, src, tag=tag(kind, micro_batch, i))
             except RuntimeError as e:

@@ -25,6 +25,7 @@ import numpy as np
 
 from r1c.distributed.comm import Channel
 from r1c.distributed.expert_shard import MOE
+from r1c.distributed.program import PipelineConfig
 from r1c.ir import registry
 from r1c.ir.registry import Reference
 
@@ -69,6 +70,14 @@ class ExpertDispatch:
         return self.channel.all_to_all(
             rows, counts, f"the expert {what} all-to-all of {self.where}", self.group, recv_counts
         )
+
+
+def expert_overrides(pc: PipelineConfig, channel: Channel, group: Any, stage: int) -> dict[str, Reference] | None:
+    """The interpreter's `overrides` for a rank of stage `stage` (`group`: that stage in every replica, as
+    `launch.place` gives it); None without expert parallelism: the ops' own references."""
+    if pc.expert_parallel == 1:
+        return None
+    return ExpertDispatch(channel, group, pc.expert_parallel, f"stage {stage}").overrides()
 
 
 class _Route:

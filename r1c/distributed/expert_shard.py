@@ -25,9 +25,7 @@ def expert_params(module: Module, function: str, ways: int) -> list[str]:
     """The parameters `function`'s `moe_experts` ops read as expert weights (w_gate, w_up, w_down), checked to
     split into `ways` row blocks."""
     if function not in module.functions:
-        raise DistributedError(
-            f"training needs a loss function @{function}; @{module.name} has {sorted(module.functions)}"
-        )
+        raise DistributedError(f"@{module.name} has no function @{function}: it has {sorted(module.functions)}")
     f = module.functions[function]
     producers = f.producers()
     names: dict[str, None] = {}

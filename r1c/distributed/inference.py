@@ -6,19 +6,27 @@ rank k runs F(0) .. F(M-1) (the forward-only GPipe order; `stage_orders(..., tra
 micro-batch's activations from rank k-1 and sending its results to rank k+1 without waiting for the receiver
 (`isend`), so rank 0 streams ahead while later stages work. The last rank concatenates the micro-batches'
 results (split and joined along the batch axis) into the entry function's results.
+
+With `--expert-parallel E` the pipeline is replicated E times (S*E ranks, `launch.place`): replica r runs rows
+r*B/E .. (r+1)*B/E - 1, and each rank holds one block of its stage's routed experts (`expert_shard`), so
+`moe_experts` runs through the training side's `ExpertDispatch` (all-to-all within the stage's replicas). The last
+stage of replica 0 gathers every replica's results, in replica order, into the whole batch's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from r1c.artifact import Artifact
 from r1c.distributed.program import DistributedError, PipelineConfig, stage_io
 from r1c.ir.core import Function, Module
+
+if TYPE_CHECKING:
+    from r1c.distributed.comm import Channel
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class InferStage:
     forward: Function
     inputs: tuple[str, ...]  # original arguments of the entry function the stage reads
     received: tuple[str, ...]  # arguments sent by stage k-1, in order (= its results)
+    experts: tuple[str, ...] = ()  # expert parallelism: the parameters the stage reads that are expert row blocks
 
 
 def load_source(
@@ -71,39 +80,48 @@ def check_runnable(art: Artifact, tokens: np.ndarray, pc: PipelineConfig) -> Non
             f"(`r1c compile --target ref`) or a model file, not target '{art.target}'"
         )
     art.check_inputs([tokens])
-    b = tokens.shape[0]
-    if b % pc.micro_batches:
+    b, parts = tokens.shape[0], pc.micro_batches * pc.data_parallel
+    if b % parts:
+        ways = f" times --expert-parallel ({pc.data_parallel})" if pc.data_parallel > 1 else ""
         raise DistributedError(
-            f"the batch ({b} --tokens rows) must be a multiple of --micro-batches ({pc.micro_batches}): "
+            f"the batch ({b} --tokens rows) must be a multiple of --micro-batches ({pc.micro_batches}){ways}: "
             "micro-batches of equal size"
         )
     f = art.module.functions[art.entry]
-    if pc.micro_batches > 1 and any(r.type.rank == 0 for r in f.results):
+    if parts > 1 and any(r.type.rank == 0 for r in f.results):
         raise DistributedError(
-            f"@{f.name} returns a scalar, which cannot be joined from micro-batches: use --micro-batches 1"
+            f"@{f.name} returns a scalar, which cannot be joined from micro-batches or replicas: use "
+            "--micro-batches 1 without --expert-parallel"
         )
 
 
 def build_inference(
     module: Module, entry: str, pc: PipelineConfig, batch: int, seq: int
 ) -> tuple[Module, list[InferStage]]:
-    """`module` with the stages of `@entry` for micro-batches of `batch // pc.micro_batches` rows, and each
-    stage's plan."""
+    """`module` with the stages of `@entry` for micro-batches of `batch // (M * E)` rows (its expert weights
+    declared as one block of E with expert parallelism), and each stage's plan."""
+    from r1c.distributed.expert_shard import shard_module
     from r1c.passes.pipeline_partition import pipeline_partition, stage_functions
 
-    m = batch // pc.micro_batches
+    experts: list[str] = []
+    if pc.expert_parallel > 1:
+        module, experts = shard_module(module, entry, pc.expert_parallel)
+    m = batch // (pc.micro_batches * pc.data_parallel)
     partitioned = pipeline_partition(
         module, stages=pc.stages, function=entry, batch=m, seq=seq, micro_batches=pc.micro_batches
     )
     stages = stage_functions(partitioned, entry)
     io = stage_io(stages, [a.name for a in module.functions[entry].args], entry)
-    plans = [InferStage(k, f, inputs, received) for k, (f, (inputs, received)) in enumerate(zip(stages, io))]
+    plans = []
+    for k, (f, (inputs, received)) in enumerate(zip(stages, io)):
+        read = {op.attrs["name"] for op in f.body if op.name == "param"}
+        plans.append(InferStage(k, f, inputs, received, tuple(n for n in experts if n in read)))
     return partitioned, plans
 
 
 def infer_rank(rank: int, world: int, spec: RunSpec) -> list[np.ndarray] | None:
-    """Run rank `rank`'s stage over every micro-batch; the process group is up. The last rank returns the entry
-    function's results for the whole batch, the others None."""
+    """Run rank `rank`'s stage over every micro-batch of its replica; the process group is up. The last stage of
+    replica 0 returns the entry function's results for the whole batch, the others None."""
     art = load_source(spec.source, spec.overrides, spec.seed, spec.weights)
     return run_stage(rank, world, art, spec.tokens, spec.pipeline)
 
@@ -119,29 +137,37 @@ def run_stage(
     """`infer_rank` for a loaded source; `built`: the result of `build_inference` when the caller already has it
     (the CLI builds it before joining the job, so a partition error stops every rank before any transfer)."""
     from r1c.distributed.comm import FORWARD, Channel
+    from r1c.distributed.expert_parallel import expert_overrides
+    from r1c.distributed.expert_shard import take_blocks
+    from r1c.distributed.launch import place
     from r1c.ir.interpreter import bind_dims, run_function
     from r1c.passes.pipeline_schedule import stage_orders
 
-    if world != pc.stages:
-        raise DistributedError(f"--pipeline {pc.stages} needs {pc.stages} processes, the job has {world}")
+    if world != pc.world:
+        raise DistributedError(f"{pc.flags} needs {pc.world} processes, the job has {world}")
     check_runnable(art, tokens, pc)
     module, plans = built or build_inference(art.module, art.entry, pc, tokens.shape[0], tokens.shape[1])
-    plan, last = plans[rank], rank == world - 1
-    # A rank keeps only the weights its stage reads: the point of a pipeline is that no rank holds the model.
+    replica, stage, group = place(rank, pc)
+    plan, last = plans[stage], stage == pc.stages - 1
+    # A rank keeps only the weights its stage reads (of the experts, its replica's block): the point of a pipeline
+    # and of expert parallelism is that no rank holds the whole model.
     read = {op.attrs["name"] for op in plan.forward.body if op.name == "param"}
-    weights = {n: art.weights[n] for n in read}
+    weights = take_blocks({n: art.weights[n] for n in read}, module, plan.experts, replica, pc.expert_parallel)
+    share = tokens.shape[0] // pc.data_parallel
+    tokens = tokens[replica * share : (replica + 1) * share]
     entry = module.functions[art.entry]
-    b = tokens.shape[0] // pc.micro_batches
+    b = share // pc.micro_batches
     env = bind_dims(entry, [tokens[:b]])  # every micro-batch has the same shape, so the same received shapes
-    prev = plans[rank - 1].forward if rank else None
+    prev = plans[stage - 1].forward if stage else None
     specs = [(r.type.concrete(env), r.type.dtype.numpy) for r in prev.results] if prev else []
     channel = Channel(rank, world, pc.timeout_s)
+    overrides = expert_overrides(pc, channel, group, stage)
     results: list[list[np.ndarray]] = []
-    for _, mb in stage_orders(pc.schedule, pc.stages, pc.micro_batches, training=False)[rank]:
+    for _, mb in stage_orders(pc.schedule, pc.stages, pc.micro_batches, training=False)[stage]:
         original = {a.name: tokens[mb * b : (mb + 1) * b] for a in entry.args}
         received = channel.recv(specs, rank - 1, FORWARD, mb) if prev else []
         by_name = {**original, **dict(zip(plan.received, received))}
-        outs = run_function(module, plan.forward, [by_name[a.name] for a in plan.forward.args], weights)
+        outs = run_function(module, plan.forward, [by_name[a.name] for a in plan.forward.args], weights, overrides)
         if last:
             results.append([np.asarray(x) for x in outs])
         else:
@@ -149,9 +175,29 @@ def run_stage(
     channel.flush()
     if not last:
         return None
-    if pc.micro_batches == 1:
-        return results[0]
-    return [np.concatenate([r[i] for r in results], axis=0) for i in range(len(results[0]))]
+    joined = _join(results)
+    return joined if pc.data_parallel == 1 else _gather(channel, joined, replica, pc)
+
+
+def _join(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each result of consecutive parts of the batch (micro-batches, replicas), joined along the batch axis."""
+    if len(parts) == 1:  # a scalar result (allowed with one part only) has no batch axis
+        return parts[0]
+    return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+
+
+def _gather(channel: Channel, mine: list[np.ndarray], replica: int, pc: PipelineConfig) -> list[np.ndarray] | None:
+    """The last stage of every replica sends its results to replica 0's, which returns the whole batch's: every
+    replica's joined in replica order (replica r ran rows r*B/E ..); the others return None."""
+    from r1c.distributed.comm import GATHER
+
+    last = pc.stages - 1  # global rank of replica 0's last stage; replica r's is r*S + last
+    if replica:
+        channel.send(mine, last, GATHER, replica)
+        channel.flush()
+        return None
+    specs = [(x.shape, x.dtype) for x in mine]  # every replica ran the same function on as many rows
+    return _join([mine] + [channel.recv(specs, r * pc.stages + last, GATHER, r) for r in range(1, pc.data_parallel)])
 
 
 __all__ = ["InferStage", "RunSpec", "build_inference", "check_runnable", "infer_rank", "load_source", "run_stage"]

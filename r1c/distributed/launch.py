@@ -70,8 +70,7 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
     cfg, pc = spec.cfg, spec.pipeline
     if world != pc.world:
         raise DistributedError(f"{pc.flags} needs {pc.world} processes, the job has {world}")
-    replica, stage = divmod(rank, pc.stages)  # replica r holds global ranks r*S .. r*S + S-1
-    dp_group = _replica_groups(pc)[stage] if pc.data_parallel > 1 else None
+    replica, stage, dp_group = place(rank, pc)
     base = r1c.load(spec.model, overrides=spec.overrides or None)
     module, plans = build_pipeline(base, cfg, pc)
     data = Batches(spec.tokens, cfg.batch, cfg.seq, cfg.seed)
@@ -138,6 +137,14 @@ def _save(
 # ---- process groups ----
 
 
+def place(rank: int, pc: PipelineConfig) -> tuple[int, int, Any]:
+    """(replica, stage, group) of global rank `rank`: replica r holds global ranks r*S .. r*S + S-1, and `group` is
+    its stage's group over every replica (None without replicas): the gradient all-reduce and the expert
+    all-to-alls. Every rank must call it, at the same point, since it creates every group."""
+    replica, stage = divmod(rank, pc.stages)
+    return replica, stage, _replica_groups(pc)[stage] if pc.data_parallel > 1 else None
+
+
 def _replica_groups(pc: PipelineConfig) -> list[Any]:
     """Per stage, the gloo group of that stage in every replica (its gradient all-reduce). Every rank creates
     every group, in the same order, as torch.distributed requires."""
@@ -149,8 +156,9 @@ def _replica_groups(pc: PipelineConfig) -> list[Any]:
     ]
 
 
-def init_from_env(timeout_s: float, command: str = "train") -> tuple[int, int]:
-    """Join the job `torchrun` started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); returns (rank, world)."""
+def init_from_env(timeout_s: float, command: str = "train", layout: PipelineConfig | None = None) -> tuple[int, int]:
+    """Join the job `torchrun` started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); returns (rank, world).
+    `layout`: its process count is checked before joining, so a wrong one fails on every rank at once."""
     import torch.distributed as dist
 
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -161,6 +169,8 @@ def init_from_env(timeout_s: float, command: str = "train") -> tuple[int, int]:
         )
     timeout = timedelta(seconds=timeout_s)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if layout is not None and world != layout.world:
+        raise DistributedError(f"{layout.flags} needs {layout.world} processes, the job has {world}")
     store = _attempt_store(world, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     return rank, world
@@ -284,9 +294,9 @@ def spawn_training(spec: TrainSpec, timeout_s: float | None = None) -> list[Rank
 
 
 def spawn_inference(spec: Any, timeout_s: float | None = None) -> list[RankOutcome]:
-    """`r1c.distributed.inference.infer_rank` on `spec.pipeline.stages` spawned processes (a `RunSpec`); the last
-    rank's result is the entry function's results for the whole batch."""
+    """`r1c.distributed.inference.infer_rank` on `spec.pipeline.world` spawned processes (a `RunSpec`); the result
+    of the last stage of replica 0 is the entry function's results for the whole batch."""
     from r1c.distributed.inference import infer_rank
 
     t = spec.pipeline.timeout_s if timeout_s is None else timeout_s
-    return spawn(infer_rank, spec.pipeline.stages, (spec,), t)
+    return spawn(infer_rank, spec.pipeline.world, (spec,), t)

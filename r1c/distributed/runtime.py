@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from r1c.distributed.comm import BACKWARD, FORWARD, Channel
-from r1c.distributed.expert_parallel import ExpertDispatch
+from r1c.distributed.expert_parallel import expert_overrides
 from r1c.distributed.program import DistributedError, PipelineConfig, StagePlan, loss_ignore_index
 from r1c.ir.core import Function, Module
 from r1c.ir.interpreter import bind_dims, run_function
@@ -74,11 +74,7 @@ class StageRunner:
         self.crash_now = False  # fault injection (tests): exit abruptly after this step's first forward
         # Expert parallelism: the replicas of this stage (dp_group, whose rank r is replica r, holding expert block
         # r: expert_shard.take_blocks) share the experts; MoE ops exchange tokens within it.
-        self.overrides = (
-            ExpertDispatch(channel, dp_group, pc.expert_parallel, f"stage {rank}").overrides()
-            if pc.expert_parallel > 1
-            else None
-        )
+        self.overrides = expert_overrides(pc, channel, dp_group, rank)
 
     def _specs(self, f: Function, env: dict[str, int]) -> list[tuple[tuple[int, ...], np.dtype]]:
         return [(r.type.concrete(env), r.type.dtype.numpy) for r in f.results]

@@ -147,7 +147,7 @@ def test_cli_pipeline_needs_torchrun(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     args = [sys.executable, "-m", "r1c.cli", "train", str(TINY), "--data", str(CORPUS), "--out", str(tmp_path)]
     p = subprocess.run([*args, "--pipeline", "2"], capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 1 and "torchrun --nproc-per-node S" in p.stderr, p.stderr
+    assert p.returncode == 1 and "torchrun --nproc-per-node N" in p.stderr, p.stderr
     p = subprocess.run([*args, "--pipeline", "2", "--lora-rank", "4"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "does not support LoRA" in p.stderr, p.stderr
     p = subprocess.run([*args, "--micro-batches", "2"], capture_output=True, text=True, timeout=120)

@@ -1,14 +1,17 @@
-"""Pipelined inference (`r1c run --pipeline S`) of r1-tiny on gloo (CPU processes) against the interpreter.
+"""Pipelined and expert-parallel inference (`r1c run --pipeline S --expert-parallel E`) of r1-tiny on gloo (CPU
+processes) against the interpreter.
 
-The forward is split into S stages, one process each, with the batch streamed through them in micro-batches; the
-last rank's logits equal the single-process interpreter's (1e-6 relative, f32), for 2 and 4 ranks and several
-micro-batches and rows. Under `torchrun` the CLI writes the same logits as plain `r1c run`; bad options are errors.
+The forward is split into S stages, one process each, with the batch streamed through them in micro-batches, and
+replicated E times over the rows with the routed experts split over the replicas; the logits of the last stage (of
+replica 0) equal the single-process interpreter's (1e-6 relative, f32), for 2 and 4 ranks and several micro-batches
+and rows. Under `torchrun` the CLI prints or writes the same as plain `r1c run`; bad options are one-line errors.
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,8 @@ import pytest
 import r1c
 from r1c.artifact import write
 from r1c.cli import main
-from r1c.distributed.inference import RunSpec
-from r1c.distributed.launch import spawn_inference
+from r1c.distributed.inference import RunSpec, build_inference
+from r1c.distributed.launch import free_port, spawn_inference
 from r1c.distributed.program import PipelineConfig
 from r1c.ir import run
 from r1c.ir.interpreter import init_weights
@@ -40,11 +43,13 @@ def reference(batch) -> np.ndarray:
     return run(base, [batch], init_weights(base, 0), function="forward")[0]
 
 
-def _logits(outcomes: list) -> np.ndarray:
+def _logits(outcomes: list, holder: int = -1) -> np.ndarray:
+    """The logits of rank `holder` (the last stage of replica 0), checking that no other rank returned any."""
     failed = [f"rank {o.rank}: {o.error}" for o in outcomes if not o.ok]
     assert not failed, "\n".join(failed)
-    assert all(o.result is None for o in outcomes[:-1])  # only the last stage has the logits
-    return outcomes[-1].result[0]
+    holder %= len(outcomes)
+    assert all(o.result is None for o in outcomes if o.rank != holder)
+    return outcomes[holder].result[0]
 
 
 def _close(got: np.ndarray, want: np.ndarray) -> None:
@@ -57,6 +62,19 @@ def _close(got: np.ndarray, want: np.ndarray) -> None:
 def test_pipelined_forward_matches_interpreter(batch, reference, stages: int, micro_batches: int) -> None:
     spec = RunSpec(str(TINY), batch, PipelineConfig(stages, micro_batches, timeout_s=TIMEOUT_S))
     _close(_logits(spawn_inference(spec)), reference)
+
+
+@pytest.mark.parametrize("stages, micro_batches", [(1, 2), (2, 2)])
+def test_expert_parallel_forward_matches_interpreter(batch, reference, stages: int, micro_batches: int) -> None:
+    """`--expert-parallel 2`, alone (2 ranks) and with `--pipeline 2` (4): replica r runs rows 2r and 2r+1, each
+    rank with half of its stage's experts; the last stage of replica 0 returns the whole batch's logits."""
+    pc = PipelineConfig(stages, micro_batches, timeout_s=TIMEOUT_S, data_parallel=2, expert_parallel=2)
+    base = r1c.load(TINY)
+    module, plans = build_inference(base, "forward", pc, len(batch), batch.shape[1])
+    experts = sorted(n for p in plans for n in p.experts)  # each declared as a block of 4 of the 8 experts
+    assert experts == sorted(n for n in base.params if ".experts." in n)
+    assert {module.params[n].type.shape[0] for n in experts} == {4}
+    _close(_logits(spawn_inference(RunSpec(str(TINY), batch, pc)), holder=stages - 1), reference)
 
 
 def _tokens_args(batch: np.ndarray) -> list[str]:
@@ -85,6 +103,20 @@ def test_cli_under_torchrun_matches_single_process(batch, reference, tmp_path, c
     _close(np.load(tmp_path / "pipe.npy"), single)
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_cli_expert_parallel_prints_what_run_prints(batch) -> None:
+    """`torchrun --nproc-per-node 2 r1c run MODEL --expert-parallel 2` prints plain `r1c run`'s top-k table, once."""
+    cmd = ["-m", "r1c.cli", "run", str(TINY), *_tokens_args(batch)]
+    single = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    ep = subprocess.run(
+        ["torchrun", "--nproc-per-node", "2", *cmd, "--expert-parallel", "2", "--timeout", "60"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    assert "top-5 next tokens" in single.stdout and ep.stdout == single.stdout
+
+
 def test_bad_options_are_errors(batch, tmp_path, capsys, monkeypatch) -> None:
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
@@ -97,11 +129,30 @@ def test_bad_options_are_errors(batch, tmp_path, capsys, monkeypatch) -> None:
         ([str(TINY), *rows, "--pipeline", "1"], "--pipeline needs at least 2 stages, got 1"),
         ([str(TINY), *rows, "--pipeline", "2", "--micro-batches", "3"], "must be a multiple of --micro-batches (3)"),
         ([str(TINY), *rows, "--pipeline", "64"], "too few for 64 stages"),
-        ([str(TINY), *rows, "--micro-batches", "2"], "--micro-batches and --timeout apply to --pipeline runs only"),
+        ([str(TINY), *rows, "--micro-batches", "2"], "--micro-batches and --timeout apply to --pipeline / --expert"),
+        ([str(TINY), *rows, "--expert-parallel", "2"], "start it with `torchrun --nproc-per-node N r1c run ...`"),
+        ([str(TINY), *rows, "--expert-parallel", "3"], "multiple of --micro-batches (1) times --expert-parallel (3)"),
+        ([str(TINY), *_tokens_args(batch[:3]), "--expert-parallel", "3"], "3 must divide the number of routed experts"),
+        ([str(TINY), *rows, "--expert-parallel", "2", "--set", "n_routed_experts=0"], "has no routed experts"),
         ([str(cpu_art), *rows, "--pipeline", "2"], "needs an artifact of target 'ref'"),
         ([str(cpu_art), *rows, "--seed", "1"], "--set, --seed and --weights apply to a model file"),
         ([str(TINY), "--tokens", "1 600", "--pipeline", "2"], "token id 600 is out of range [0, 512)"),
     ):
         code = main(["run", *argv])
         err = capsys.readouterr().err
-        assert code == 1 and words in err, (argv, err)
+        assert code == 1 and words in err and len(err.strip().splitlines()) == 1, (argv, err)
+    # Under torchrun (its environment) with the wrong process count: an error before joining the job, which would
+    # otherwise wait for ranks that never come.
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for layout, words in (
+        (
+            ["--pipeline", "2", "--expert-parallel", "2"],
+            "--pipeline 2 --expert-parallel 2 needs 4 processes, the job has 2",
+        ),
+        (["--expert-parallel", "4"], "--expert-parallel 4 needs 4 processes, the job has 2"),
+    ):
+        code = main(["run", str(TINY), *rows, *layout, "--timeout", "5"])  # a regression fails, not hangs
+        err = capsys.readouterr().err
+        assert code == 1 and words in err and len(err.strip().splitlines()) == 1, (layout, err)
