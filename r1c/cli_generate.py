@@ -43,6 +43,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--page-size", type=int, metavar="T", help="tokens per KV page (16)")
     p.add_argument("--num-pages", type=int, metavar="P", help="pages in the KV pool (256)")
     p.add_argument("--max-batch", type=int, default=8, metavar="B", help="requests decoding together (8)")
+    p.add_argument(
+        "--prefill-chunk", type=int, metavar="N", help="feed a prompt at most N tokens a step (default: all)"
+    )
     p.add_argument("--max-seq-len", type=int, metavar="N", help="context limit, prompt + output tokens (4096)")
     p.add_argument("--draft", metavar="DRAFT_ARTIFACT", help="speculative decoding with this draft model")
     p.add_argument("--speculate", type=int, metavar="K", help="with --draft: draft tokens per step (4)")
@@ -88,7 +91,8 @@ def run_generate(args: argparse.Namespace) -> int:
     speculate = (args.speculate or 4) if args.draft else 0
     t0 = time.perf_counter()
     engine = Engine(args.artifact, page_size=args.page_size, num_pages=args.num_pages, max_batch=args.max_batch,
-                    max_seq_len=args.max_seq_len, draft=args.draft, speculate=speculate)  # fmt: skip
+                    max_seq_len=args.max_seq_len, draft=args.draft, speculate=speculate,
+                    prefill_chunk=args.prefill_chunk)  # fmt: skip
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     loaded = time.perf_counter()
     outputs: dict[int, list[int]] = {i: [] for i in ids}

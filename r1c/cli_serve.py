@@ -38,6 +38,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "without one, prompts are token-id arrays and responses carry token_ids with empty text",
     )
     p.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together (default: 8)")
+    p.add_argument(
+        "--prefill-chunk", type=_positive, help="feed a prompt at most N tokens a step, so long prompts do not stall "
+        "the others' decoding (default: the whole prompt in one step)",
+    )  # fmt: skip
     p.add_argument("--page-size", type=_positive, help="tokens per KV page (default: the build's, else 16)")
     p.add_argument("--num-pages", type=_positive, help="pages in the KV pool (default: the build's, else 256)")
     p.add_argument(
@@ -67,7 +71,8 @@ def run_serve(args: argparse.Namespace) -> int:
         from r1c.inference.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    engine = Engine(art, page_size=args.page_size, num_pages=args.num_pages, max_batch=args.max_batch)
+    engine = Engine(art, page_size=args.page_size, num_pages=args.num_pages, max_batch=args.max_batch,
+                    prefill_chunk=args.prefill_chunk)  # fmt: skip
     try:
         server = open_server(
             engine,

@@ -2,9 +2,11 @@
 
 Each `step()` is one scheduler iteration:
   1. admit waiting requests (FIFO, up to max_batch running) whose pages fit next to what the running ones need this
-     step, and prefill them: one paged step per distinct prompt length (equal lengths share a call);
-  2. one decode step (S = 1) for every request that was running before this iteration, all rows together,
-     each at its own length (`start`), or a speculative step when the engine has a draft (speculative.py).
+     step, and prefill them, with the requests still in a chunked prefill: one paged step per distinct feed length
+     (equal lengths share a call); with `prefill_chunk` N a request feeds at most N tokens a step, so a long prompt
+     is spread over several steps while the others keep decoding, and samples its first token after its last chunk;
+  2. one decode step (S = 1) for every request that had finished its prefill before this iteration, all rows
+     together, each at its own length (`start`), or a speculative step when the engine has a draft (speculative.py).
 A request's pages grow as it does. When a running request cannot get its next page, the latest-arrived running
 request is preempted: its pages are freed and it goes back to the front of the queue, to be recomputed (its prompt
 and the tokens it produced prefilled again; its random generator keeps its state, so sampling continues as it
@@ -79,6 +81,7 @@ class Request:
     rng: np.random.Generator | None
     output: list[int] = field(default_factory=list)
     cached: int = 0  # tokens of prompt + output held in the pool
+    prefilled: bool = False  # its prefill is complete (it decodes from the next step on)
 
     @property
     def tokens(self) -> list[int]:
@@ -104,6 +107,7 @@ class Engine:
         entry: str | None = None,
         draft: Artifact | str | Path | Executor | None = None,
         speculate: int = 0,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.executor = _as_executor(artifact, entry)
         fixed = self.executor.fixed
@@ -126,6 +130,9 @@ class Engine:
             raise InputError(f"max_seq_len must be {limit}, got {max_seq_len}")
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InputError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
         self.vocab_size = self.executor.signature.vocab_size
         self.table_width = width or -(-(self.max_seq_len + self.lookahead) // self.page_size)
@@ -173,9 +180,9 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """One scheduler iteration (module docstring): the tokens it produced, in request order per call."""
-        decoding = list(self.running)
-        admitted = self._admit()
-        events = self._prefill(admitted) if admitted else []
+        decoding = [r for r in self.running if r.prefilled]
+        prefilling = [r for r in self.running if not r.prefilled] + self._admit()
+        events = self._prefill(prefilling) if prefilling else []
         decoding = [r for r in decoding if r in self.running]
         if decoding:
             events += self.speculator.step(decoding) if self.speculator else self._decode(decoding)
@@ -237,20 +244,30 @@ class Engine:
         return admitted
 
     def _prefill(self, reqs: list[Request]) -> list[TokenEvent]:
-        """Feed each admitted request all its tokens (its prompt; after a preemption, its output too), one call per
-        distinct length, and sample its next token."""
+        """Feed each request the tokens it has not cached (its prompt; after a preemption, its output too), at most
+        prefill_chunk of them, one call per distinct feed length and ending; a request whose feed reaches its last
+        token samples its next one. A chunk that does not end its prompt is fed for the cache alone (the executor
+        is asked for its argmax, the least it can return)."""
         events = []
-        by_len: dict[int, list[Request]] = {}
+        groups: dict[tuple[int, bool], list[Request]] = {}
         for r in reqs:
-            by_len.setdefault(len(r.tokens) - r.cached, []).append(r)
-        for group in by_len.values():
+            left = len(r.tokens) - r.cached
+            n = min(left, self.prefill_chunk or left)
+            groups.setdefault((n, n == left), []).append(r)
+        for (n, last), group in groups.items():
             t0 = time.perf_counter()
-            tokens = self.next_tokens(group, [r.tokens[r.cached :] for r in group])
+            feeds = [r.tokens[r.cached : r.cached + n] for r in group]
+            if last:
+                tokens = self.next_tokens(group, feeds)
+            else:
+                self.run_step(group, feeds, out="argmax")
             self.stats.prefill_seconds += time.perf_counter() - t0
-            self.stats.prefill_tokens += sum(len(r.tokens) - r.cached for r in group)
-            for r, token in zip(group, tokens):
-                r.cached = len(r.tokens)
-                events.append(self.emit(r, token))
+            self.stats.prefill_tokens += n * len(group)
+            for i, r in enumerate(group):
+                r.cached += n
+                if last:
+                    r.prefilled = True
+                    events.append(self.emit(r, tokens[i]))
         return events
 
     def _decode(self, reqs: list[Request]) -> list[TokenEvent]:
@@ -284,7 +301,7 @@ class Engine:
     def _preempt(self, req: Request) -> None:
         self.pages.free(req.id)
         self.running.remove(req)
-        req.cached = 0
+        req.cached, req.prefilled = 0, False
         self.waiting.appendleft(req)
         self.stats.preemptions += 1
         if self.speculator:

@@ -32,6 +32,8 @@ def test_greedy_streams_the_engines_tokens(cli, arts):
     want = Engine(arts[0], page_size=4).generate([[5, 6, 7]], SamplingParams(max_new_tokens=9))[0]
     assert ids(res.out) == want
     assert "9 tokens for 1 prompt(s)" in res.err and "tokens/s" in res.err and "prefill: 3 tokens" in res.err
+    chunked = cli("generate", str(arts[0]), "--prompt-tokens", "5 6 7", "--max-new", "9", "--prefill-chunk", "2")
+    assert chunked.code == 0 and ids(chunked.out) == want, chunked.err
 
 
 def test_batch_prints_a_line_per_row_and_stops(cli, arts):
@@ -98,6 +100,7 @@ def test_text_with_a_tokenizer_json(cli, arts, tmp_path):
     (["--prompt-tokens", "1", "--temperature", "-1"], "temperature must be"),
     (["--prompt-tokens", "1", "--tokenizer", "nope.json"], "no such tokenizer file"),
     (["--prompt-tokens", "1 2", "--max-new", "40", "--num-pages", "2", "--page-size", "4"], "can never fit"),
+    (["--prompt-tokens", "1", "--prefill-chunk", "0"], "prefill_chunk must be at least 1 token"),
 ])  # fmt: skip
 def test_errors_are_one_line(cli, arts, argv, message):
     res = cli("generate", str(arts[0]), *argv)

@@ -146,3 +146,31 @@ def record(step, calls):
         return step(tokens, pools, table, start, out=out)
 
     return wrapped
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+@pytest.mark.parametrize("kind", ["greedy", "sampled"])
+def test_chunked_prefill_gives_the_same_tokens(tiny_ref, prompts, chunk, kind):
+    """Prompts fed a chunk at a time (across steps, beside other requests' decoding; with a small pool, also through
+    preemptions) give the tokens of whole-prompt prefill."""
+    params = [SamplingParams(max_new_tokens=8 + i) if kind == "greedy" else sampled(i) for i in range(len(prompts))]
+    want = Engine(tiny_ref, page_size=4, num_pages=32).generate(prompts, params)
+    engine = Engine(tiny_ref, page_size=4, num_pages=32, max_batch=3, prefill_chunk=chunk)
+    assert engine.generate(prompts, params) == want
+    small = Engine(tiny_ref, page_size=4, num_pages=7, max_batch=3, prefill_chunk=chunk)
+    assert small.generate(prompts, params) == want
+    assert small.stats.preemptions > 0
+
+
+def test_a_long_prompt_is_spread_over_steps_while_others_decode(tiny_ref, prompts):
+    engine = Engine(tiny_ref, page_size=4, max_batch=4, prefill_chunk=4)
+    first = engine.add_request(prompts[0], SamplingParams(max_new_tokens=20))  # 3 tokens: one chunk
+    calls = []
+    engine.executor.step = record(engine.executor.step, calls)
+    assert [ev.request_id for ev in engine.step()] == [first]
+    long = engine.add_request(prompts[3], SamplingParams(max_new_tokens=2))  # 13 tokens: chunks of 4, 4, 4, 1
+    seen = [[ev.request_id for ev in engine.step()] for _ in range(4)]
+    assert calls == [(1, 3), (1, 4), (1, 1), (1, 4), (1, 1), (1, 4), (1, 1), (1, 1), (1, 1)]
+    assert seen == [[first], [first], [first], [long, first]]  # the long prompt's first token after its last chunk
+    with pytest.raises(InputError, match="prefill_chunk must be at least 1 token, got 0"):
+        Engine(tiny_ref, prefill_chunk=0)
