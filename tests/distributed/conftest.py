@@ -4,6 +4,9 @@ every rank of a spawned job succeeded and returns their results (a fixture, so n
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -56,3 +59,29 @@ def _ok(outcomes: list[RankOutcome]) -> list:
 @pytest.fixture(scope="session")
 def ok() -> Callable[[list[RankOutcome]], list]:
     return _ok
+
+
+@pytest.fixture
+def train_plain_and_torchrun(tmp_path) -> Callable[..., tuple[list[float], list[float], str, Path]]:
+    """Runs `r1c train` on r1-tiny (2 steps, batch 2, seq 8) plainly and under `torchrun --nproc-per-node 2` with
+    the given extra flags; returns both runs' losses, torchrun's stdout and its output directory."""
+
+    def both(*extra: str) -> tuple[list[float], list[float], str, Path]:
+        common = [str(ROOT / "examples/r1-tiny.r1"), "--data", str(ROOT / "examples/data/tiny-corpus.txt"),
+                  "--steps", "2", "--batch", "2", "--seq", "8"]  # fmt: skip
+        single = subprocess.run(
+            [sys.executable, "-m", "r1c.cli", "train", *common, "--out", str(tmp_path / "single")],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert single.returncode == 0, single.stderr
+        out = tmp_path / "torchrun"
+        run = subprocess.run(
+            ["torchrun", "--nproc-per-node", "2", "-m", "r1c.cli", "train", *common, *extra, "--timeout", "60",
+             "--out", str(out)],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        losses = [[r["loss"] for r in json.loads((d / "losses.json").read_text())] for d in (tmp_path / "single", out)]
+        return losses[0], losses[1], run.stdout, out
+
+    return both

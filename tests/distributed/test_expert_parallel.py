@@ -7,10 +7,7 @@ it), and after two AdamW steps every parameter and moment equal the single-proce
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,25 +128,12 @@ def test_cli_bad_layouts_fail_before_joining(tmp_path, capsys, monkeypatch) -> N
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_cli_under_torchrun_matches_single_process(tmp_path) -> None:
+def test_cli_under_torchrun_matches_single_process(train_plain_and_torchrun) -> None:
     """`torchrun --nproc-per-node 2 r1c train --expert-parallel 2` and plain `r1c train`: the same losses."""
-    common = [str(TINY), "--data", str(CORPUS), "--steps", "2", "--batch", "2", "--seq", "8"]
-    single = subprocess.run(
-        [sys.executable, "-m", "r1c.cli", "train", *common, "--out", str(tmp_path / "single")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert single.returncode == 0, single.stderr
-    ep = subprocess.run(
-        ["torchrun", "--nproc-per-node", "2", "-m", "r1c.cli", "train", *common, "--expert-parallel", "2",
-         "--timeout", "60", "--out", str(tmp_path / "ep")],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert ep.returncode == 0, ep.stderr[-3000:]
-    assert "trained with 2-way expert parallelism (1 micro-batches)" in ep.stdout
-    a = json.loads((tmp_path / "single/losses.json").read_text())
-    b = json.loads((tmp_path / "ep/losses.json").read_text())
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=TOL)
-    files = sorted(p.name for p in (tmp_path / "ep/checkpoint").iterdir())
+    single, ep, stdout, out = train_plain_and_torchrun("--expert-parallel", "2")
+    assert "trained with 2-way expert parallelism (1 micro-batches)" in stdout
+    assert ep == pytest.approx(single, abs=TOL)
+    files = sorted(p.name for p in (out / "checkpoint").iterdir())
     assert files == ["manifest.json", "stage-0-experts-1.safetensors", "stage-0.safetensors"]
 
 

@@ -7,7 +7,6 @@ every other rank with an error naming the failed transfer. Per-stage checkpoints
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -157,25 +156,13 @@ def test_cli_pipeline_needs_torchrun(tmp_path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_cli_under_torchrun_matches_single_process(tmp_path) -> None:
+def test_cli_under_torchrun_matches_single_process(train_plain_and_torchrun) -> None:
     """`torchrun --nproc-per-node 2 r1c train --pipeline 2` and plain `r1c train`: the same losses, step by step."""
-    common = [str(TINY), "--data", str(CORPUS), "--steps", "2", "--batch", "2", "--seq", "8"]
-    single = subprocess.run(
-        [sys.executable, "-m", "r1c.cli", "train", *common, "--out", str(tmp_path / "single")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert single.returncode == 0, single.stderr
-    pipe = subprocess.run(
-        ["torchrun", "--nproc-per-node", "2", "-m", "r1c.cli", "train", *common, "--pipeline", "2",
-         "--micro-batches", "2", "--schedule", "1f1b", "--timeout", "60", "--out", str(tmp_path / "pipe")],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert pipe.returncode == 0, pipe.stderr[-3000:]
-    assert "trained with 2 pipeline stages (1f1b, 2 micro-batches)" in pipe.stdout
-    a = json.loads((tmp_path / "single/losses.json").read_text())
-    b = json.loads((tmp_path / "pipe/losses.json").read_text())
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], abs=TOL)
-    assert sorted(p.name for p in (tmp_path / "pipe/checkpoint").iterdir()) == [
+    flags = ("--pipeline", "2", "--micro-batches", "2", "--schedule", "1f1b")
+    single, pipe, stdout, out = train_plain_and_torchrun(*flags)
+    assert "trained with 2 pipeline stages (1f1b, 2 micro-batches)" in stdout
+    assert pipe == pytest.approx(single, abs=TOL)
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
         "manifest.json",
         "stage-0.safetensors",
         "stage-1.safetensors",
