@@ -142,10 +142,23 @@ def dequantize(q: te.Tensor, scale: te.Tensor, out_dtype: str) -> te.Tensor:
 # ---- cache_write ----
 
 
+def _starts_check(op: str) -> Any:
+    """A macro asserting every row's step fits in the cache's slots (the reference's error), named for `op`."""
+    message = f"{op}: a row's start plus the step's tokens is outside the cache's slots"
+
+    @T.macro
+    def check(start: T.Buffer, nb: T.int64, steps: T.int64, slots: T.int64) -> None:
+        for b in range(nb):
+            assert T.Cast("int64", start[b]) >= T.int64(0) and T.Cast("int64", start[b]) + steps <= slots, message
+
+    return check
+
+
 def cache_write(layer: int, d: int, dtype: str, start_dtype: str) -> tir.PrimFunc:
     """out = cache with new [B, Hkv, S, d] at slots start[b] .. start[b] + S - 1 of `layer`: one pass over the cache,
     threads over (layer, row, head); a step outside the slots is a runtime error, as in the reference."""
     vl = lanes(d)
+    check_starts = _starts_check("cache_write")
 
     @T.prim_func(private=True, s_tir=True)
     def write(var_cache: T.handle, var_new: T.handle, var_start: T.handle, var_out: T.handle):
@@ -160,10 +173,7 @@ def cache_write(layer: int, d: int, dtype: str, start_dtype: str) -> tir.PrimFun
         start = T.match_buffer(var_start, (nb,), start_dtype)
         out = T.match_buffer(var_out, (nl, nb, nh, slots, d), dtype)
         with T.sblock("root"):
-            for b in range(nb):
-                assert T.Cast("int64", start[b]) >= T.int64(0) and T.Cast("int64", start[b]) + steps <= slots, (
-                    "cache_write: a row's start plus the step's tokens is outside the cache's slots"
-                )
+            check_starts(start, nb, steps, slots)
             for r in T.parallel(nl * nb * nh):
                 for c in range(slots):
                     if (
@@ -190,6 +200,7 @@ def cache_write_inplace(layer: int, d: int, dtype: str, start_dtype: str) -> tir
     """cache_write into the cache itself (relax.call_tir_inplace, when nothing reads the old cache afterwards):
     only the step's rows of `layer` are written, O(B * Hkv * S * d) instead of a pass over every layer's slots."""
     vl = lanes(d)
+    check_starts = _starts_check("cache_write")
 
     @T.prim_func(private=True, s_tir=True)
     def write(var_cache: T.handle, var_new: T.handle, var_start: T.handle):
@@ -203,10 +214,7 @@ def cache_write_inplace(layer: int, d: int, dtype: str, start_dtype: str) -> tir
         new = T.match_buffer(var_new, (nb, nh, steps, d), dtype)
         start = T.match_buffer(var_start, (nb,), start_dtype)
         with T.sblock("root"):
-            for b in range(nb):
-                assert T.Cast("int64", start[b]) >= T.int64(0) and T.Cast("int64", start[b]) + steps <= slots, (
-                    "cache_write: a row's start plus the step's tokens is outside the cache's slots"
-                )
+            check_starts(start, nb, steps, slots)
             for r in T.parallel(nb * nh):
                 for c in range(steps):
                     for e in range(d // vl):
@@ -273,6 +281,7 @@ def _visible(j: Any, qpos: Any, causal: bool, window: int, sinks: int) -> Any:
 def cached_attention(layer: int, dk: int, dv: int, scale: float, dtype: str, start_dtype: str) -> tir.PrimFunc:
     """out [B, H, S, dv]: row (b, h, i) attends to slots 0 .. start[b] + i of layer `layer` of the cache."""
     vk, vv = lanes(dk), lanes(dv)
+    check_starts = _starts_check("cached_attention")
 
     @T.prim_func(private=True, s_tir=True)
     def attend(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_start: T.handle, var_out: T.handle):
@@ -289,10 +298,7 @@ def cached_attention(layer: int, dk: int, dv: int, scale: float, dtype: str, sta
         start = T.match_buffer(var_start, (nb,), start_dtype)
         out = T.match_buffer(var_out, (nb, nh, sq, dv), dtype)
         with T.sblock("root"):
-            for b in range(nb):
-                assert T.Cast("int64", start[b]) >= T.int64(0) and T.Cast("int64", start[b]) + sq <= slots, (
-                    "cached_attention: a row's start plus the step's tokens is outside the cache's slots"
-                )
+            check_starts(start, nb, sq, slots)
             for r in T.parallel(nb * nh * sq):
                 b = r // (nh * sq)
                 h = r // sq % nh
