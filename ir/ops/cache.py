@@ -18,13 +18,13 @@ from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, register
 from r1c.ir.types import TensorType
 
 
-def _check_layer(op: str, cache: TensorType, layer: int) -> None:
+def check_layer(op: str, cache: TensorType, layer: int) -> None:
     n = cache.shape[0]
     if layer < 0 or (isinstance(n, int) and layer >= n):
         raise OpError(f"{op}: layer {layer} is out of range for a cache of {n} layers")
 
 
-def _check_start(op: str, start: TensorType, batch) -> None:
+def check_start(op: str, start: TensorType, batch) -> None:
     require_int(op, start, "start")
     require_rank(op, start, 1, "start [B]")
     same_dim(op, start.shape[0], batch, "batch of start and the step")
@@ -48,8 +48,8 @@ def _write_rule(ins, a):
     same_dim("cache_write", cache.shape[1], new.shape[0], "batch of cache and new")
     same_dim("cache_write", cache.shape[2], new.shape[1], "heads of cache and new")
     same_dim("cache_write", cache.shape[4], new.shape[3], "head dim of cache and new")
-    _check_start("cache_write", start, new.shape[0])
-    _check_layer("cache_write", cache, a["layer"])
+    check_start("cache_write", start, new.shape[0])
+    check_layer("cache_write", cache, a["layer"])
     return [cache]
 
 
@@ -78,8 +78,8 @@ def _attention_rule(ins, a):
     h, hkv = q.shape[1], k.shape[2]
     if isinstance(h, int) and isinstance(hkv, int) and (hkv == 0 or h % hkv):
         raise OpError(f"cached_attention: {h} query heads are not a multiple of {hkv} key/value heads")
-    _check_start("cached_attention", start, q.shape[0])
-    _check_layer("cached_attention", k, a["layer"])
+    check_start("cached_attention", start, q.shape[0])
+    check_layer("cached_attention", k, a["layer"])
     return [TensorType(q.dtype, (q.shape[0], h, q.shape[2], v.shape[4]))]
 
 
@@ -103,7 +103,8 @@ def _attention_cost(ins, outs, a):
     return Cost(2 * b * h * sq * slots * (dk + dv), bytes_of([q]) + layer_kv + bytes_of(outs))
 
 
-def _not_differentiable(fb, op, cotangents):
+def cache_vjp(fb, op, cotangents):
+    """The VJP of every KV-cache op (contiguous and paged): an error, since a cache serves inference steps."""
     raise OpError(f"{op.name} is not differentiable: the KV cache serves inference steps; train on `forward`")
 
 
@@ -117,7 +118,7 @@ register(
         _write_ref,
         _write_cost,
         {"layer": AttrSpec("int")},
-        vjp=_not_differentiable,
+        vjp=cache_vjp,
     )
 )
 
@@ -132,6 +133,6 @@ register(
         _attention_ref_cached,
         _attention_cost,
         {"layer": AttrSpec("int"), "scale": AttrSpec("float")},
-        vjp=_not_differentiable,
+        vjp=cache_vjp,
     )
 )

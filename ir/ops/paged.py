@@ -22,6 +22,7 @@ import numpy as np
 from r1c.ir import dims
 from r1c.ir.ops._util import require_float, require_int, require_rank, same_dim
 from r1c.ir.ops.attention import _attention_ref
+from r1c.ir.ops.cache import cache_vjp, check_layer, check_start
 from r1c.ir.ops.quant import QUANT_DTYPES, dequantize_ref, quantize_ref
 from r1c.ir.registry import AttrSpec, Cost, OpDef, OpError, bytes_of, numel, register
 from r1c.ir.types import DType, TensorType
@@ -30,16 +31,8 @@ from r1c.ir.types import DType, TensorType
 def _check_table(op: str, table: TensorType, start: TensorType, batch) -> None:
     require_int(op, table, "block_table")
     require_rank(op, table, 2, "block_table [B, M]")
-    require_int(op, start, "start")
-    require_rank(op, start, 1, "start [B]")
     same_dim(op, table.shape[0], batch, "batch of block_table and the step")
-    same_dim(op, start.shape[0], batch, "batch of start and the step")
-
-
-def _check_layer(op: str, pool: TensorType, layer: int) -> None:
-    n = pool.shape[0]
-    if layer < 0 or (isinstance(n, int) and layer >= n):
-        raise OpError(f"{op}: layer {layer} is out of range for a pool of {n} layers")
+    check_start(op, start, batch)
 
 
 def _check_pool(op: str, pool: TensorType, what: str) -> None:
@@ -92,7 +85,7 @@ def _write_rule(ins, a):
         raise OpError(f"{op}: new {new} must have the pool's dtype {pool.dtype}")
     same_dim(op, new.shape[2], pool.shape[3], "channels of new and pool")
     _check_table(op, table, start, new.shape[0])
-    _check_layer(op, pool, a["layer"])
+    check_layer(op, pool, a["layer"])
     return [pool]
 
 
@@ -118,7 +111,7 @@ def _write_q_rule(ins, a):
     require_rank(op, new, 3, "new [B, S, D]")
     same_dim(op, new.shape[2], pool.shape[3], "channels of new and pool")
     _check_table(op, table, start, new.shape[0])
-    _check_layer(op, pool, a["layer"])
+    check_layer(op, pool, a["layer"])
     return [pool, scales]
 
 
@@ -176,7 +169,7 @@ def _attention_rule(op: str, q: TensorType, pool: TensorType, table, start, w, a
         raise OpError(f"{op}: pool channels {pool.shape[3]} != latent rank {c} + rotary dim {dk - dn}")
     same_dim(op, w.shape[0], dims.mul(h, dn + dv), "kv_b weight rows and heads * (qk_nope_head_dim + v_head_dim)")
     _check_table(op, table, start, b)
-    _check_layer(op, pool, a["layer"])
+    check_layer(op, pool, a["layer"])
     return [TensorType(q.dtype, (b, h, q.shape[2], dv))]
 
 
@@ -249,10 +242,6 @@ def _quant_cost(ins, outs, a):
     return _attention_cost(q, pool, table, w, a, bytes_of(outs) + b * keys * scales.shape[3] * 4)
 
 
-def _not_differentiable(fb, op, cotangents):
-    raise OpError(f"{op.name} is not differentiable: the paged cache serves inference steps; train on `forward`")
-
-
 ATTRS = {
     "layer": AttrSpec("int"),
     "scale": AttrSpec("float"),
@@ -270,7 +259,7 @@ register(
         _write_ref,
         _write_cost,
         {"layer": AttrSpec("int")},
-        vjp=_not_differentiable,
+        vjp=cache_vjp,
     )
 )
 
@@ -284,7 +273,7 @@ register(
         _write_q_ref,
         _write_q_cost,
         {"layer": AttrSpec("int")},
-        vjp=_not_differentiable,
+        vjp=cache_vjp,
     )
 )
 
@@ -299,7 +288,7 @@ register(
         _float_ref,
         _float_cost,
         ATTRS,
-        vjp=_not_differentiable,
+        vjp=cache_vjp,
     )
 )
 
@@ -312,6 +301,6 @@ register(
         _quant_ref,
         _quant_cost,
         ATTRS,
-        vjp=_not_differentiable,
+        vjp=cache_vjp,
     )
 )
