@@ -23,6 +23,11 @@ _TEMPLATE_MODULES: list[str] = [
     "r1c.backends.cuda.kernels.decode_attention",
     "r1c.backends.cuda.kernels.kv_cache",
     "r1c.backends.cuda.kernels.paged",
+    "r1c.backends.cuda.kernels.cross_entropy",
+    "r1c.backends.cuda.kernels.moe_experts_grad",
+    "r1c.backends.cuda.kernels.norm_grad",
+    "r1c.backends.cuda.kernels.optim",
+    "r1c.backends.cuda.kernels.scatter",
 ]
 
 
