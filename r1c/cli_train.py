@@ -1,4 +1,5 @@
-"""`r1c train`: train a model's `func loss` on a text or token file with the reference runtime."""
+"""`r1c train`: train a model's `func loss` on a text or token file, on the reference interpreter or the cuda
+backend (`--target`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from r1c.api import InputError
 from r1c.cli_common import add_set_flag, console, load_model
+from r1c.train.step_runner import TARGETS
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +31,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         "newest complete checkpoint under --out, or from step 0 when there is none (for restarts)",
     )  # fmt: skip
     p.add_argument("--save-every", type=int, metavar="K", help="also save a checkpoint every K steps")
+    p.add_argument(
+        "--target", choices=TARGETS, default="ref", help="where the train step runs: ref (numpy reference "
+        "interpreter, float64 inside ops) or cuda (Triton kernels on the GPU; state stays on the device)",
+    )  # fmt: skip
     for flag, kind, what in (
         ("--lr", float, "peak learning rate"),
         ("--batch", int, "sequences per step"),
@@ -45,6 +51,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pipeline", type=int, metavar="S", help="pipeline-parallel over S stages (one process per stage, gloo): "
         "start with `torchrun --nproc-per-node S r1c train ...`; see docs/distributed.md",
+    )  # fmt: skip
+    p.add_argument(
+        "--comm", choices=("gloo", "nccl"), help="with --pipeline: the process-group backend (default: nccl for "
+        "--target cuda, one GPU per rank; gloo otherwise, or to run several cuda ranks on one GPU)",
     )  # fmt: skip
     p.add_argument("--micro-batches", type=int, metavar="M", help="with --pipeline: micro-batches per step (1)")
     p.add_argument("--schedule", choices=("gpipe", "1f1b"), help="with --pipeline: the schedule (gpipe)")
@@ -86,11 +96,13 @@ def run_train(args: argparse.Namespace) -> int:
             from r1c.distributed.cli import run_pipeline_train
 
             return run_pipeline_train(args, cfg, tokens)
-        if any(x is not None for x in (args.micro_batches, args.schedule, args.timeout, args.data_parallel)):
-            raise InputError(
-                "--micro-batches, --schedule, --timeout and --data-parallel apply to --pipeline training only"
-            )
-        trainer = Trainer.create(base, cfg, tokens)
+        given = [
+            f for f in ("micro_batches", "schedule", "timeout", "data_parallel", "comm") if getattr(args, f) is not None
+        ]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise InputError(f"{flags} apply to --pipeline training only")
+        trainer = Trainer.create(base, cfg, tokens, args.target)
         if args.resume == AUTO:
             found, step = newest_file(args.out) or (None, 0)
             print(describe(found, step, args.out))

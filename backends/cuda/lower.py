@@ -5,7 +5,8 @@ swiglu` through "grouped_matmul+swiglu" when that exists); `linear`/`matmul` bec
 epilogue absorbs the elementwise ops that consume only its result; maximal groups of elementwise ops of one output
 shape become one generated kernel; row ops (rmsnorm, softmax, reductions, rope, embedding, topk) get their row
 kernels and `gather`/`take` their index kernels; reshape/transpose/slice/broadcast_to are torch views (a generated
-copy where a view cannot express them) and concat copies its inputs into one buffer; `param` reads the weight. Any
+copy where a view cannot express them), concat copies its inputs into one buffer and slice_scatter copies its base,
+then its updates into the strided slice; `param` reads the weight. Any
 other op is a compile error naming it and its loc. Shapes stay symbolic here; the runtime binds them from the inputs.
 """
 
@@ -39,7 +40,7 @@ class LoweringError(TargetError):
 
 @dataclass
 class Unit:
-    kind: str  # param | const | view | concat | ew | gemm | row | gather | template
+    kind: str  # param | const | view | concat | slice_scatter | ew | gemm | row | gather | template
     ops: list[Op]
     pos: int  # index of the last member: where the launch goes
     open: bool = True  # ew/gemm: may still absorb elementwise consumers
@@ -137,8 +138,8 @@ def _units(f: Function) -> list[Unit]:
                 unit.pos = i
         elif op.name in VIEWS:
             unit = Unit("view", [op], i)
-        elif op.name == "concat":
-            unit = Unit("concat", [op], i)
+        elif op.name in ("concat", "slice_scatter"):
+            unit = Unit(op.name, [op], i)
         elif op.name in rows.KIND_OF_OP:
             unit = Unit("row", [op], i)
         elif op.name in ("gather", "take"):

@@ -72,7 +72,9 @@ def bcast(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 class Program:
     """A loaded cuda artifact, ready to run."""
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """`weights`: device tensors to read instead of the artifact's (shared, not copied: programs of one
+        training stage read and update the same ones)."""
         self.artifact = artifact
         self.device = pick_device()
         path = Path(artifact.path)
@@ -85,21 +87,44 @@ class Program:
         self.float_dtype = FLOAT_DTYPES.get(self.plan.get("dtype") or "")
         self.keep_f32 = set(self.plan.get("f32", ()))
         params = artifact.module.params
-        self.weights = {  # moved (and cast for `dtype=`) once; every run reads these
-            name: torch.from_numpy(np.require(w, requirements="C")).to(
-                self.device, self.dtype_of(params[name].type.dtype)
-            )
-            for name, w in artifact.weights.items()
-        }
+        self.weights = (
+            weights
+            if weights is not None
+            else {  # moved (and cast for `dtype=`) once
+                name: torch.from_numpy(np.require(w, requirements="C")).to(
+                    self.device, self.dtype_of(params[name].type.dtype)
+                )
+                for name, w in artifact.weights.items()
+            }
+        )
+        if missing := sorted(set(params) - set(self.weights)):
+            raise CudaRuntimeError(f"cuda runtime: no weight for params {', '.join(missing[:5])}")
         self.last_use = self._last_uses()
         self.rope_tables: dict[int, tuple[torch.Tensor, float]] = {}
         self.graphs: dict[Any, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = {}
         self.poison = False  # tests: fill every buffer r1c allocates with NaN / -1 so unwritten elements show
         self.profile: dict[str, float] | None = None  # set to {} to accumulate seconds per step label (syncs!)
         self.static: dict[str, torch.Tensor] = {}
-        for step in self.plan["steps"]:  # weight-only work (expert fusion's concats, ...) once, at load
+        self._run_static()
+
+    def _run_static(self) -> None:
+        """Weight-only work (expert fusion's concats, ...): once at load, and again when the weights change."""
+        self.static = {}
+        for step in self.plan["steps"]:
             if step["static"]:
                 self._step(step, self.static, {})
+
+    def set_weights(self, new: dict[str, torch.Tensor]) -> None:
+        """Replace weights by device tensors of the same shapes and dtypes (a training step's new state)."""
+        for name, t in new.items():
+            old = self.weights[name]
+            if t.shape != old.shape or t.dtype != old.dtype or t.device != old.device:
+                raise CudaRuntimeError(
+                    f"weight {name}: got {tuple(t.shape)} {t.dtype} on {t.device}, "
+                    f"expected {tuple(old.shape)} {old.dtype} on {old.device}"
+                )
+        self.weights.update(new)
+        self._run_static()
 
     def dtype_of(self, dtype: DType) -> torch.dtype:
         if dtype.is_float and dtype != DType.fp8e4m3 and self.float_dtype is not None:  # codes keep their dtype
@@ -294,6 +319,14 @@ class Program:
             start += p.shape[ax]
         buf[step["outputs"][0]] = out
 
+    def _slice_scatter(self, step: dict, buf: dict, env: dict[str, int]) -> None:
+        a = self.fn.body[step["ops"][0]].attrs
+        base, upd = (buf[n] for n in step["inputs"])
+        out = self.copy_of(base)
+        ax = a["axis"] % out.dim()
+        self.copy_into(upd, out[(slice(None),) * ax + (slice(a["start"], a["stop"], a["step"]),)])
+        buf[step["outputs"][0]] = out
+
     def _template(self, step: dict, buf: dict, env: dict[str, int]) -> None:
         ops = [self.fn.body[i] for i in step["ops"]]
         fn = get_launcher(step["launcher"])
@@ -348,6 +381,7 @@ class Program:
             "gather": self._gather,
             "view": self._view,
             "concat": self._concat,
+            "slice_scatter": self._slice_scatter,
             "template": self._template,
         }
         run[step["kind"]](step, buf, env)

@@ -28,8 +28,8 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
     import torch.distributed as dist
 
     from r1c.distributed import checkpoint as ckpt
-    from r1c.distributed.comm import Channel, PeerError
-    from r1c.distributed.launch import TrainSpec, init_from_env, train_rank
+    from r1c.distributed.comm import PeerError
+    from r1c.distributed.launch import TrainSpec, init_from_env, stage_channel, train_rank
     from r1c.distributed.program import DistributedError, PipelineConfig, check_supported
     from r1c.train.checkpoint import CheckpointError
 
@@ -42,6 +42,8 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
         args.timeout if args.timeout is not None else 300.0,
         args.data_parallel if args.data_parallel is not None else ep,
         ep,
+        args.target,
+        args.comm or ("nccl" if args.target == "cuda" else "gloo"),
     )
     check_supported(cfg, pc)  # before joining the job: a bad option fails at once on every rank
     if pc.expert_parallel > 1:  # as is a model whose experts do not split E ways
@@ -55,7 +57,7 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
             f"--resume {args.resume}: with --pipeline, resume from a pipeline checkpoint directory "
             "(OUT/checkpoint or OUT/checkpoint-K, written by a --pipeline run at any stage count), or `auto`"
         )
-    rank, world = init_from_env(pc.timeout_s)
+    rank, world = init_from_env(pc.timeout_s, comm=pc.comm)
     out = Path(args.out)
     spec = TrainSpec(
         args.model, cfg, pc, tokens, overrides=_overrides(args.sets), out=str(out), resume=args.resume,
@@ -72,7 +74,7 @@ def run_pipeline_train(args: argparse.Namespace, cfg: TrainConfig, tokens: np.nd
     try:
         done = False
         if args.resume == AUTO:
-            found, step = _agree_on_resume(out, Channel(rank, world, pc.timeout_s))
+            found, step = _agree_on_resume(out, stage_channel(rank, world, pc))
             spec, done = replace(spec, resume=found), step >= cfg.steps
         # A job restarted after its last save (a rank failed while exiting) has nothing left to train: it ends
         # well, so that torchrun does not restart it again.

@@ -1,5 +1,6 @@
-"""Point-to-point transfers of numpy arrays between pipeline ranks over torch.distributed, with errors that say
-which peer and which transfer failed.
+"""Point-to-point transfers between pipeline ranks over torch.distributed, with errors that say which peer and
+which transfer failed. Arrays are numpy arrays on the ref target, or torch tensors on the rank's device on the cuda
+target: NCCL moves those GPU to GPU, gloo through host copies.
 
 A dead peer surfaces in gloo either at once (its sockets close: "Connection closed by peer") or after the process
 group's timeout; both become a `PeerError`, and the rank stops (its own exit then closes its sockets, so the
@@ -28,8 +29,14 @@ def tag(kind: int, micro_batch: int, index: int) -> int:
 
 
 class Channel:
-    def __init__(self, rank: int, world: int, timeout_s: float) -> None:
+    def __init__(
+        self, rank: int, world: int, timeout_s: float, device: torch.device | None = None, nccl: bool = False
+    ) -> None:
+        """`device`: received arrays are torch tensors there (None: numpy arrays); `nccl`: the process group is
+        NCCL's, whose transfers read and write GPU tensors."""
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.device, self.nccl = device, nccl
+        self.wire = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self._pending: list[tuple[dist.Work, torch.Tensor, int, str]] = []
 
     def _fail(self, what: str, peer: int | None, e: Exception) -> PeerError:
@@ -44,7 +51,7 @@ class Channel:
     def send(self, arrays: list[np.ndarray], dst: int, kind: int, micro_batch: int) -> None:
         """Start sending; `flush` waits for completion (the receiver may not have posted its receive yet)."""
         for i, x in enumerate(arrays):
-            t = _to_tensor(x)
+            t = self._wire(x)
             what = "sending " + _CARRIES[kind].format(i=i, m=micro_batch)
             try:
                 work = dist.isend(t, dst, tag=tag(kind, micro_batch, i))
@@ -57,14 +64,24 @@ class Channel:
     ) -> list[np.ndarray]:
         out = []
         for i, (shape, dtype) in enumerate(specs):
-            t = torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)))
+            t = torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)), device=self.wire)
             what = "receiving " + _CARRIES[kind].format(i=i, m=micro_batch)
             try:
                 dist.recv(t, src, tag=tag(kind, micro_batch, i))
             except RuntimeError as e:
                 raise self._fail(what, src, e) from None
-            out.append(_from_tensor(t, np.dtype(dtype)))
+            if self.device is None:
+                out.append(_from_tensor(t, np.dtype(dtype)))
+            else:
+                out.append((t.bool() if np.dtype(dtype) == np.dtype(bool) else t).to(self.device))
         return out
+
+    def _wire(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """`x` as a contiguous tensor where the process group reads it (a copy: sends are asynchronous)."""
+        if not isinstance(x, torch.Tensor):
+            return _to_tensor(x).to(self.wire)
+        t = x.to(torch.uint8) if x.dtype == torch.bool else x
+        return t.to(self.wire, copy=True).contiguous()
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -74,14 +91,20 @@ class Channel:
             except RuntimeError as e:
                 raise self._fail(what, dst, e) from None
 
-    def all_reduce_sum(self, values: np.ndarray, what: str, group: dist.ProcessGroup | None = None) -> np.ndarray:
-        """The float64 sum over every rank (or over `group`'s ranks: the replicas of one stage)."""
-        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64).copy())
+    def all_reduce_sum(
+        self, values: np.ndarray | torch.Tensor, what: str, group: dist.ProcessGroup | None = None
+    ) -> np.ndarray | torch.Tensor:
+        """The float64 sum over every rank (or over `group`'s ranks: the replicas of one stage), as a numpy array
+        or as a tensor on the input's device (NCCL reduces GPU tensors in place)."""
+        if isinstance(values, torch.Tensor):
+            t = values.to(self.wire, torch.float64, copy=True)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64).copy()).to(self.wire)
         try:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         except RuntimeError as e:
             raise self._fail(what, None, e) from None
-        return t.numpy()
+        return t.to(values.device) if isinstance(values, torch.Tensor) else t.cpu().numpy()
 
     def broadcast(self, value: object, what: str, src: int = 0) -> object:
         """Rank `src`'s picklable `value` on every rank (the others pass anything, e.g. None)."""

@@ -1,7 +1,8 @@
 """Starting pipeline training and pipelined inference: one process per stage, under `torchrun` (`init_from_env`) or
 spawned by `spawn` on a free loopback port (tests, notebooks), each running `train_rank` (or `infer_rank`).
 
-Failure handling: every rank uses gloo with `PipelineConfig.timeout_s`; a rank whose peer dies gets a `PeerError`
+Failure handling: every rank uses gloo (or NCCL for GPU stages, `PipelineConfig.comm`) with
+`PipelineConfig.timeout_s`; a rank whose peer dies gets a `PeerError`
 (at once when the peer's sockets close, at the latest after the timeout) and stops, which closes its own sockets
 and stops its other neighbour in turn, so the whole job ends with a clear error on every rank instead of a hang.
 `spawn` reports each rank's outcome (result, error message, or exit code when it died without one).
@@ -54,27 +55,30 @@ class RankResult:
     first_grads: dict[str, np.ndarray] | None = None
     # Expert parallelism: the tensors of `state` that are a row block of the whole, with its rows [start, stop).
     expert_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Per step: seconds computing (the stage's forwards and backwards) and in all (benchmarks: the bubble)
+    busy_s: list[float] = field(default_factory=list)
+    wall_s: list[float] = field(default_factory=list)
 
 
 def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult], None] | None = None) -> RankResult:
     """Run rank `rank`'s stage for the steps of `spec.cfg` (from the resumed step); the process group is up."""
     import r1c
     from r1c.distributed import checkpoint as ckpt
-    from r1c.distributed.comm import Channel
     from r1c.distributed.expert_shard import take_blocks
     from r1c.distributed.program import build_pipeline
     from r1c.distributed.runtime import StageRunner
     from r1c.train.data import Batches
     from r1c.train.runtime import initial_state
+    from r1c.train.step_runner import prepare_loss
 
     cfg, pc = spec.cfg, spec.pipeline
     if world != pc.world:
         raise DistributedError(f"{pc.flags} needs {pc.world} processes, the job has {world}")
     replica, stage, dp_group = place(rank, pc)
-    base = r1c.load(spec.model, overrides=spec.overrides or None)
+    base = prepare_loss(r1c.load(spec.model, overrides=spec.overrides or None), pc.target)
     module, plans = build_pipeline(base, cfg, pc)
     data = Batches(spec.tokens, cfg.batch, cfg.seq, cfg.seed)
-    channel = Channel(rank, world, pc.timeout_s)
+    channel = stage_channel(rank, world, pc)
     history: list[StepResult] = []
     if spec.resume:
         state, manifest = ckpt.load_tensors(spec.resume, list(plans[stage].state))
@@ -87,6 +91,7 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
     if blocks:  # the base model and checkpoints hold every expert's rows: keep this replica's block
         state = take_blocks(state, module, blocks, replica, pc.expert_parallel)
     runner = StageRunner(module, plans, cfg, pc, stage, channel, state, step, replica, dp_group)
+    runner.keep_grads = spec.keep_grads
     if runner.step >= cfg.steps:
         raise DistributedError(f"the checkpoint is at step {runner.step}; ask for more --steps than that to continue")
     rows = {n: module.params[n].type.shape[0] for n in blocks}
@@ -94,7 +99,10 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
     while runner.step < cfg.steps:
         tokens, labels = data.next()
         runner.crash_now = spec.crash_at == (rank, runner.step + 1)
+        t0 = time.perf_counter()
         r = runner.run_step(tokens, labels)
+        result.wall_s.append(time.perf_counter() - t0)
+        result.busy_s.append(runner.busy_s)
         history.append(r)
         if spec.keep_grads and result.first_grads is None and runner.last_grads is not None:
             result.first_loss, result.first_grads = runner.last_grads.loss, dict(runner.last_grads.grads)
@@ -106,6 +114,30 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
             _save(directory, runner, plans, data, history, channel, rank)
     result.history, result.state = history, runner.state
     return result
+
+
+def stage_channel(rank: int, world: int, pc: PipelineConfig) -> Any:
+    """The rank's channel: numpy arrays on the ref target, tensors on the rank's device on the cuda target."""
+    from r1c.distributed.comm import Channel
+
+    if pc.target != "cuda":
+        return Channel(rank, world, pc.timeout_s)
+    from r1c.backends.cuda.runtime import pick_device
+
+    return Channel(rank, world, pc.timeout_s, pick_device(), nccl=pc.comm == "nccl")
+
+
+def use_gpu(comm: str, local_rank: int) -> None:
+    """NCCL ranks each own one GPU: local rank i uses device i (before the process group starts)."""
+    if comm == "nccl":
+        import torch
+
+        if torch.cuda.device_count() <= local_rank:
+            raise DistributedError(
+                f"--comm nccl: local rank {local_rank} needs GPU {local_rank}, this host has "
+                f"{torch.cuda.device_count()} (NCCL refuses two ranks on one GPU; use --comm gloo to share one)"
+            )
+        torch.cuda.set_device(local_rank)
 
 
 def _save(
@@ -156,7 +188,9 @@ def _replica_groups(pc: PipelineConfig) -> list[Any]:
     ]
 
 
-def init_from_env(timeout_s: float, command: str = "train", layout: PipelineConfig | None = None) -> tuple[int, int]:
+def init_from_env(
+    timeout_s: float, command: str = "train", layout: PipelineConfig | None = None, comm: str = "gloo"
+) -> tuple[int, int]:
     """Join the job `torchrun` started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); returns (rank, world).
     `layout`: its process count is checked before joining, so a wrong one fails on every rank at once."""
     import torch.distributed as dist
@@ -171,8 +205,9 @@ def init_from_env(timeout_s: float, command: str = "train", layout: PipelineConf
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if layout is not None and world != layout.world:
         raise DistributedError(f"{layout.flags} needs {layout.world} processes, the job has {world}")
+    use_gpu(comm, int(os.environ.get("LOCAL_RANK", rank)))
     store = _attempt_store(world, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(comm, store=store, rank=rank, world_size=world, timeout=timeout)
     return rank, world
 
 
@@ -204,12 +239,15 @@ class RankOutcome:
     seconds: float = 0.0  # from the start of `spawn` to this rank's report or death
 
 
-def _child(fn: Callable, rank: int, world: int, port: int, timeout_s: float, args: tuple, conn: Connection) -> None:
+def _child(
+    fn: Callable, rank: int, world: int, port: int, timeout_s: float, args: tuple, conn: Connection, comm: str
+) -> None:
     import torch.distributed as dist
 
     try:
+        use_gpu(comm, rank)
         dist.init_process_group(
-            "gloo",
+            comm,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
@@ -226,8 +264,9 @@ def _child(fn: Callable, rank: int, world: int, port: int, timeout_s: float, arg
     dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 60.0) -> list[RankOutcome]:
-    """Run `fn(rank, world, *args)` in `world` fresh processes joined by a gloo group on a free loopback port.
+def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 60.0, comm: str = "gloo") -> list[RankOutcome]:
+    """Run `fn(rank, world, *args)` in `world` fresh processes joined by a `comm` (gloo or nccl: rank i on GPU i)
+    group on a free loopback port.
 
     Every rank's outcome comes back; none is left running: a rank still alive `timeout_s + 10` s after another
     failed, or `2 * timeout_s + 60` s after the start, is terminated and reported as hung."""
@@ -237,7 +276,7 @@ def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 60.0) -
     start = time.perf_counter()
     for rank in range(world):
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(fn, rank, world, port, timeout_s, args, child), daemon=True)
+        p = ctx.Process(target=_child, args=(fn, rank, world, port, timeout_s, args, child, comm), daemon=True)
         p.start()
         child.close()
         procs.append(p)
@@ -290,7 +329,7 @@ def spawn(fn: Callable, world: int, args: tuple = (), timeout_s: float = 60.0) -
 def spawn_training(spec: TrainSpec, timeout_s: float | None = None) -> list[RankOutcome]:
     """`train_rank` on `spec.pipeline.world` (stages * data-parallel replicas) spawned processes."""
     t = spec.pipeline.timeout_s if timeout_s is None else timeout_s
-    return spawn(train_rank, spec.pipeline.world, (spec,), t)
+    return spawn(train_rank, spec.pipeline.world, (spec,), t, spec.pipeline.comm)
 
 
 def spawn_inference(spec: Any, timeout_s: float | None = None) -> list[RankOutcome]:

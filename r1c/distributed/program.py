@@ -42,6 +42,8 @@ class PipelineConfig:
     # E > 1: the routed experts are split over the R = E replicas of each stage (expert_parallel.py); then one
     # stage (no --pipeline) is allowed: E processes, each a data-parallel replica holding 1/E of the experts.
     expert_parallel: int = 1
+    target: str = "ref"  # where each stage runs: ref (numpy interpreter) or cuda (Triton kernels on the rank's GPU)
+    comm: str = "gloo"  # the process-group backend: gloo (host transfers) or nccl (GPU to GPU; needs target cuda)
 
     @property
     def world(self) -> int:
@@ -73,6 +75,14 @@ class PipelineConfig:
             raise DistributedError(f"--micro-batches must be >= 1, got {self.micro_batches}")
         if self.schedule not in SCHEDULES:
             raise DistributedError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.target not in ("ref", "cuda"):
+            raise DistributedError(f"--target must be ref or cuda, got {self.target!r}")
+        if self.comm not in ("gloo", "nccl"):
+            raise DistributedError(f"--comm must be gloo or nccl, got {self.comm!r}")
+        if self.comm == "nccl" and self.target != "cuda":
+            raise DistributedError("--comm nccl moves GPU tensors: it needs --target cuda")
+        if self.target == "cuda" and self.expert_parallel > 1:
+            raise DistributedError("--expert-parallel runs on --target ref only (no GPU all-to-all dispatch yet)")
         if self.timeout_s <= 0:
             raise DistributedError(f"the timeout must be > 0 seconds, got {self.timeout_s}")
 

@@ -1,4 +1,5 @@
-"""The stage executor: rank k runs pipeline stage k of the training step on the reference interpreter.
+"""The stage runner: rank k runs pipeline stage k of the training step on its target (`stage_exec.py`: the
+reference interpreter, or the cuda backend with the stage's state on the rank's GPU).
 
 One step, for a batch split into M equal micro-batches (every rank draws the same batch from the same seeded
 sampler, so only activations and cotangents travel):
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +30,9 @@ import numpy as np
 from r1c.distributed.comm import BACKWARD, FORWARD, Channel
 from r1c.distributed.expert_parallel import expert_overrides
 from r1c.distributed.program import DistributedError, PipelineConfig, StagePlan, loss_ignore_index
+from r1c.distributed.stage_exec import stage_exec
 from r1c.ir.core import Function, Module
-from r1c.ir.interpreter import bind_dims, run_function
+from r1c.ir.interpreter import bind_dims
 from r1c.ir.ops.optim import lr_at
 from r1c.passes.pipeline_schedule import stage_orders
 from r1c.train.config import TrainConfig
@@ -41,7 +44,7 @@ class StepGradients:
     """The accumulated (unclipped) gradients of the rank's parameters from the last step, by name."""
 
     loss: float
-    grads: dict[str, np.ndarray]
+    grads: dict[str, np.ndarray]  # host copies
 
 
 class StageRunner:
@@ -68,13 +71,21 @@ class StageRunner:
         self.ignore_index = loss_ignore_index(module)
         self.loss_args = [a.name for a in module.functions["loss"].args]
         self.order = stage_orders(pc.schedule, pc.stages, pc.micro_batches, training=True)[rank]
-        self.state = {n: state[n] for n in self.plan.state}  # only this stage's tensors
         self.step = step
         self.last_grads: StepGradients | None = None
+        self.keep_grads = False  # tests: keep a host copy of each step's gradients in last_grads
+        self.busy_s = 0.0  # the last step's seconds spent computing (forwards and backwards; the rest is waiting)
         self.crash_now = False  # fault injection (tests): exit abruptly after this step's first forward
         # Expert parallelism: the replicas of this stage (dp_group, whose rank r is replica r, holding expert block
         # r: expert_shard.take_blocks) share the experts; MoE ops exchange tokens within it.
-        self.overrides = expert_overrides(pc, channel, dp_group, rank)
+        overrides = expert_overrides(pc, channel, dp_group, rank)
+        # only this stage's tensors
+        self.exec = stage_exec(pc.target, module, self.plan, {n: state[n] for n in self.plan.state}, overrides)
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """The stage's parameters and optimizer state, on the host."""
+        return self.exec.host_state()
 
     def _specs(self, f: Function, env: dict[str, int]) -> list[tuple[tuple[int, ...], np.dtype]]:
         return [(r.type.concrete(env), r.type.dtype.numpy) for r in f.results]
@@ -98,10 +109,11 @@ class StageRunner:
         saved: dict[int, list[np.ndarray]] = {}
         grads: list[np.ndarray] | None = None
         loss = 0.0
+        self.busy_s = 0.0
         for kind, m in self.order:
             if kind == "F":
                 args = self._forward_args(batch, m, b, env, prev)
-                outs = run_function(self.module, plan.forward, args, self.state, self.overrides)
+                outs = self._timed(plan.forward, args)
                 saved[m] = args
                 if self.last:
                     loss += float(outs[0]) * kept[m] / total_kept  # float64: the weighted mean of the losses
@@ -113,13 +125,13 @@ class StageRunner:
             else:
                 args = saved.pop(m)
                 if self.last:
-                    cots = [np.float32(kept[m] / total_kept)]
+                    cots = [self.exec.scalar(kept[m] / total_kept, np.float32)]
                 else:
                     floats = [r for r in plan.forward.results if r.type.dtype.is_float]
                     env_m = bind_dims(plan.forward, args)
                     specs = [(r.type.concrete(env_m), r.type.dtype.numpy) for r in floats]
                     cots = ch.recv(specs, self.base + self.rank + 1, BACKWARD, m)
-                outs = run_function(self.module, plan.vjp, args + cots, self.state, self.overrides)
+                outs = self._timed(plan.vjp, args + cots)
                 n = plan.n_received_float
                 if self.rank:
                     ch.send(outs[:n], self.base + self.rank - 1, BACKWARD, m)
@@ -133,7 +145,7 @@ class StageRunner:
             by_name.update(zip(shared, self._all_reduce_grads([by_name[n] for n in shared])))
 
         def sq(names: list[str]) -> float:
-            return sum(float(np.sum(np.square(by_name[n].astype(np.float64)))) for n in names)
+            return self.exec.sq_sum([by_name[n] for n in names])
 
         # After the all-reduce every replica holds the same shared gradients: replica 0 alone counts them in the
         # norm; every replica counts its own expert block's.
@@ -141,28 +153,30 @@ class StageRunner:
         sq_total = sq_shared + sq([n for n in plan.trainable if n in plan.experts])
         total_sq, total_loss = ch.all_reduce_sum(np.array([sq_total, loss]), "the gradient-norm and loss all-reduce")
         norm = math.sqrt(total_sq)
-        self.last_grads = StepGradients(float(np.float32(total_loss)), by_name)
+        if self.keep_grads:
+            host = {n: np.asarray(g.cpu() if hasattr(g, "cpu") else g) for n, g in by_name.items()}
+            self.last_grads = StepGradients(float(np.float32(total_loss)), host)
         self.step += 1
         if plan.update is not None:
-            new = run_function(
-                self.module,
-                plan.update,
-                [np.int32(self.step), np.float32(norm), *(by_name[n] for n in plan.trainable)],
-                self.state,
-            )
-            self.state.update(zip(plan.state, new))  # the update returns (param, optimizer state...) per param
+            ex = self.exec
+            args = [ex.scalar(self.step, np.int32), ex.scalar(norm, np.float32), *(by_name[n] for n in plan.trainable)]
+            new = ex.run(plan.update, args)
+            ex.set_state(dict(zip(plan.state, new)))  # the update returns (param, optimizer state...) per param
         lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup, self.cfg.steps, self.cfg.min_lr, self.cfg.schedule)
         return StepResult(self.step, float(np.float32(total_loss)), lr, float(np.float32(norm)), int(full_tokens.size))
 
+    def _timed(self, f: Function, args: list) -> list:
+        t0 = time.perf_counter()
+        outs = self.exec.run(f, args)
+        self.exec.sync()
+        self.busy_s += time.perf_counter() - t0
+        return outs
+
     def _all_reduce_grads(self, grads: list[np.ndarray]) -> list[np.ndarray]:
         """The sum of this stage's gradients over the replicas (one float64 transfer, rounded once to f32)."""
-        flat = np.concatenate([g.astype(np.float64).ravel() for g in grads])
+        flat = self.exec.flat64(grads)
         total = self.channel.all_reduce_sum(flat, f"the gradient all-reduce of stage {self.rank}", self.dp_group)
-        out, at = [], 0
-        for g in grads:
-            out.append(total[at : at + g.size].reshape(g.shape).astype(g.dtype))
-            at += g.size
-        return out
+        return self.exec.split_like(total, grads)
 
     def _forward_args(
         self, batch: dict[str, np.ndarray], m: int, b: int, env: dict[str, int], prev: Function | None

@@ -1,5 +1,5 @@
-"""Runs `@train_step` on the reference interpreter, carrying the state tensors between steps (the convention of
-`r1c.train.step`), and saves/resumes checkpoints bit-for-bit."""
+"""Runs `@train_step` on a target (the reference interpreter or the cuda backend: `step_runner.py`), carrying the
+state tensors between steps (the convention of `r1c.train.step`), and saves/resumes checkpoints bit-for-bit."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from r1c.ir import init_weights, run
+from r1c.ir import init_weights
 from r1c.ir.core import Module
 from r1c.ir.interpreter import init_weight
 from r1c.train import checkpoint
 from r1c.train.config import TrainConfig
 from r1c.train.data import Batches
-from r1c.train.step import METRICS, STEP_FUNCTION, build_train_step, names_attr
+from r1c.train.step import STEP_FUNCTION, build_train_step, names_attr
+from r1c.train.step_runner import loss_passes, step_runner
 
 
 @dataclass(frozen=True)
@@ -38,25 +39,36 @@ def initial_state(base: Module, train_module: Module, seed: int) -> dict[str, np
 
 
 class Trainer:
-    def __init__(self, module: Module, state: dict[str, np.ndarray], data: Batches, step: int = 0) -> None:
+    def __init__(
+        self, module: Module, state: dict[str, np.ndarray], data: Batches, step: int = 0, target: str = "ref"
+    ) -> None:
         if STEP_FUNCTION not in module.functions:
             raise ValueError(f"module @{module.name} has no @{STEP_FUNCTION}; build it with build_train_step")
-        self.module, self.state, self.data, self.step = module, state, data, step
+        self.module, self.data, self.step, self.target = module, data, step, target
+        self.runner = step_runner(module, state, target)
         self.state_names = names_attr(module, "state")
         self.history: list[StepResult] = []
 
     @classmethod
-    def create(cls, base: Module, cfg: TrainConfig, tokens: np.ndarray) -> "Trainer":
-        module = build_train_step(base, cfg)
-        return cls(module, initial_state(base, module, cfg.seed), Batches(tokens, cfg.batch, cfg.seq, cfg.seed))
+    def create(cls, base: Module, cfg: TrainConfig, tokens: np.ndarray, target: str = "ref") -> "Trainer":
+        module = build_train_step(base, cfg, loss_passes=loss_passes(target))
+        return cls(
+            module, initial_state(base, module, cfg.seed), Batches(tokens, cfg.batch, cfg.seq, cfg.seed), 0, target
+        )
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """Every weight and optimizer tensor, on the host (a copy from the GPU on the cuda target)."""
+        return self.runner.get_state()
+
+    @state.setter
+    def state(self, state: dict[str, np.ndarray]) -> None:
+        self.runner.set_state(state)
 
     def run_step(self) -> StepResult:
         tokens, labels = self.data.next()
-        outs = run(self.module, [tokens, labels, np.int32(self.step + 1)], self.state, function=STEP_FUNCTION)
-        metrics, new = outs[: len(METRICS)], outs[len(METRICS) :]
-        self.state.update(zip(self.state_names, new))
+        loss, lr, norm = self.runner.run([tokens, labels, np.int32(self.step + 1)])
         self.step += 1
-        loss, lr, norm = (float(x) for x in metrics)
         result = StepResult(self.step, loss, lr, norm, int(tokens.size))
         self.history.append(result)
         return result

@@ -17,6 +17,7 @@ from r1c.build import FunctionBuilder, ModuleBuilder
 from r1c.ir.core import Function, Module, Op, Value
 from r1c.ir.types import DType, TensorType
 from r1c.ir.verifier import verify
+from r1c.passes import PassManager
 from r1c.passes.grad import grad_function
 from r1c.passes.moe_aux_loss import moe_aux_loss
 from r1c.passes.rewrite import clone_module, erase_dead
@@ -44,8 +45,10 @@ def optimizer_state_names(cfg: TrainConfig, param: str) -> list[str]:
     return [f"sgd.momentum.{param}"]
 
 
-def build_train_step(module: Module, cfg: TrainConfig, loss: str = "loss") -> Module:
-    """`module` plus the LoRA adapters/casts `cfg` asks for, `@<loss>_grad` and `@train_step` (see the docstring)."""
+def build_train_step(module: Module, cfg: TrainConfig, loss: str = "loss", loss_passes: str = "") -> Module:
+    """`module` plus the LoRA adapters/casts `cfg` asks for, `@<loss>_grad` and `@train_step` (see the docstring).
+    `loss_passes`: a pipeline run on the loss after those and before differentiation (a target's preferred form,
+    e.g. expert fusion, whose grouped GEMMs have GEMM-shaped gradients)."""
     if loss not in module.functions:
         raise TrainStepError(
             f"training needs a loss function @{loss}; module @{module.name} has {sorted(module.functions)}"
@@ -56,6 +59,8 @@ def build_train_step(module: Module, cfg: TrainConfig, loss: str = "loss") -> Mo
         module = apply_lora(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), function=loss)
     if cfg.precision == "bf16":
         module = to_mixed_precision(module, function=loss, dtype=DType.bf16)
+    if loss_passes:
+        module = PassManager(loss_passes).run(module)
     module = grad_function(module, function=loss, checkpoint=cfg.recompute)
     src = module.functions[f"{loss}_grad"]
     grad_names = list(module.attrs[f"grad_params.{loss}"])
@@ -159,14 +164,20 @@ def balance_biases(
                 "(set use_score_bias = true, or train.bias_gamma = 0)"
             )
         ids = env[op.operands[1]]
-        n_experts = op.operands[3].type.shape[0]
+        if op.name == "moe_experts":
+            n_routed, depth = op.operands[3].type.shape[0], op.operands[3].type.shape[0]
+        else:  # expert fusion's moe_permute: the shared experts' ids (n_routed, ...) come after the routed ones
+            n_routed, depth = op.attrs["num_experts"] - op.attrs["num_shared"], op.attrs["num_experts"]
         with fb.scope(prefix):
-            load = fb.reduce_sum(fb.one_hot(ids, depth=n_experts), axes=(0, 1))
+            load = fb.reduce_sum(fb.one_hot(ids, depth=depth), axes=(0, 1))
+            if depth != n_routed:
+                load = fb.slice(load, axis=0, start=0, stop=n_routed)
             out.append((bias, fb.balance_bias_update(fb.param(bias), load, gamma=gamma)))
     if not out:
-        raise TrainStepError("train.bias_gamma > 0 but the loss has no MoE layers (moe_experts ops)")
+        raise TrainStepError("train.bias_gamma > 0 but the loss has no MoE layers (moe_experts or moe_permute ops)")
     return out
 
 
 def _moe_ops(f: Function) -> list[Op]:
-    return [op for op in f.body if op.name == "moe_experts"]
+    """The MoE layers' dispatch ops, unfused or after expert fusion (their second operand holds the expert ids)."""
+    return [op for op in f.body if op.name in ("moe_experts", "moe_permute")]

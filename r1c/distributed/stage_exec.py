@@ -1,0 +1,123 @@
+"""Where a pipeline stage's functions (forward, VJP, update) run, and the few array operations the stage runner
+needs between them, for each training target:
+
+- `RefStageExec`: numpy arrays through the reference interpreter (expert parallelism hooks in here);
+- `CudaStageExec`: each function compiled by the cuda backend into its own plan, the three sharing one dict of
+  device tensors (the stage's parameters and optimizer state), so activations, cotangents and gradients stay on the
+  GPU; only the scalars of the loss and the gradient norm come back to the host.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from r1c.distributed.program import DistributedError, StagePlan
+from r1c.ir.core import Function, Module
+from r1c.ir.interpreter import run_function
+
+
+class RefStageExec:
+    device = None  # arrays are host numpy arrays
+
+    def __init__(self, module: Module, plan: StagePlan, state: dict[str, np.ndarray], overrides: Any) -> None:
+        self.module, self.state, self.overrides = module, state, overrides
+
+    def run(self, f: Function, args: list) -> list:
+        return run_function(self.module, f, args, self.state, self.overrides)
+
+    def set_state(self, new: dict[str, np.ndarray]) -> None:
+        self.state.update(new)
+
+    def sync(self) -> None:
+        """Wait for the work launched so far (numpy: done already)."""
+
+    def host_state(self) -> dict[str, np.ndarray]:
+        return self.state
+
+    def scalar(self, value: float | int, dtype: type) -> np.ndarray:
+        return np.asarray(value, dtype)
+
+    def sq_sum(self, xs: list[np.ndarray]) -> float:
+        return sum(float(np.sum(np.square(x.astype(np.float64)))) for x in xs)
+
+    def flat64(self, xs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([x.astype(np.float64).ravel() for x in xs])
+
+    def split_like(self, flat: np.ndarray, xs: list[np.ndarray]) -> list[np.ndarray]:
+        out, at = [], 0
+        for x in xs:
+            out.append(flat[at : at + x.size].reshape(x.shape).astype(x.dtype))
+            at += x.size
+        return out
+
+
+class CudaStageExec:
+    def __init__(self, module: Module, plan: StagePlan, state: dict[str, np.ndarray]) -> None:
+        import torch
+
+        from r1c.backends.cuda.runtime import Program, pick_device
+
+        self.device = pick_device()  # "cuda": the rank's current device (set when its process group starts)
+        self.torch = torch
+        self.weights = {n: torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for n, x in state.items()}
+        self.programs: dict[str, Program] = {}
+        for f in (plan.forward, plan.vjp, plan.update):
+            if f is not None:
+                self.programs[f.name] = Program(_compile(module, f, state), weights=self.weights)
+
+    def run(self, f: Function, args: list) -> list:
+        p = self.programs[f.name]
+        return p.forward([a if isinstance(a, self.torch.Tensor) else p.to_device([a])[0] for a in args])
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def set_state(self, new: dict[str, Any]) -> None:
+        self.weights.update(new)
+        for p in self.programs.values():
+            p.set_weights({n: new[n] for n in new if n in p.weights})
+
+    def host_state(self) -> dict[str, np.ndarray]:
+        return {n: t.cpu().numpy() for n, t in self.weights.items()}
+
+    def scalar(self, value: float | int, dtype: type) -> Any:
+        return self.torch.from_numpy(np.asarray(value, dtype)).to(self.device)
+
+    def sq_sum(self, xs: list) -> float:
+        if not xs:
+            return 0.0
+        return float(self.torch.stack([x.double().square().sum() for x in xs]).sum())
+
+    def flat64(self, xs: list) -> Any:
+        return self.torch.cat([x.double().reshape(-1) for x in xs])
+
+    def split_like(self, flat: Any, xs: list) -> list:
+        out, at = [], 0
+        for x in xs:
+            out.append(flat[at : at + x.numel()].view(x.shape).to(x.dtype))
+            at += x.numel()
+        return out
+
+
+def _compile(module: Module, f: Function, state: dict[str, np.ndarray]) -> Any:
+    """One stage function as its own cuda artifact (only the params it reads), compiled as partitioned."""
+    from r1c.backends.cuda.target import compile_cuda
+
+    reads = {op.attrs["name"] for op in f.body if op.name == "param"}
+    sub = Module(module.name, {n: p for n, p in module.params.items() if n in reads}, {f.name: f}, dict(module.attrs))
+    out = tempfile.mkdtemp(prefix=f"r1c-stage-{f.name}-")
+    return compile_cuda(sub, {n: state[n] for n in reads}, out, {"entry": f.name, "passes": "canonicalize,cse,dce"})
+
+
+def stage_exec(target: str, module: Module, plan: StagePlan, state: dict[str, np.ndarray], overrides: Any) -> Any:
+    if target == "ref":
+        return RefStageExec(module, plan, state, overrides)
+    if target == "cuda":
+        if overrides:
+            raise DistributedError("expert parallelism runs on the ref target only (no cuda all-to-all dispatch yet)")
+        return CudaStageExec(module, plan, state)
+    raise DistributedError(f"pipeline training target must be ref or cuda, got {target!r}")
