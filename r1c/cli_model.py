@@ -128,12 +128,17 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="model file: seed for initializing weights (default: 0)")
     p.add_argument("--weights", metavar="FILE", help="model file: load weights from a .safetensors file")
     p.add_argument(
-        "--pipeline", type=int, metavar="S", help="pipelined over S stages (one process per stage, gloo, reference "
-        "interpreter): start with `torchrun --nproc-per-node S r1c run ...`; see docs/distributed.md",
+        "--pipeline", type=int, metavar="S", help="pipelined over S stages (one process per stage; a ref artifact "
+        "or model file on the interpreter, a cuda artifact on GPUs): start with `torchrun --nproc-per-node S r1c run "
+        "...`; see docs/distributed.md",
     )  # fmt: skip
     p.add_argument(
         "--expert-parallel", type=int, metavar="E", help="split the rows and the routed experts over E replicas "
         "(E processes, S * E with --pipeline S; E divides the experts and the rows); see docs/distributed.md",
+    )  # fmt: skip
+    p.add_argument(
+        "--comm", choices=("gloo", "nccl"), help="with --pipeline: the process-group backend (default: nccl for a "
+        "cuda artifact, one GPU per rank; gloo otherwise, or to run several cuda ranks on one GPU)",
     )  # fmt: skip
     p.add_argument(
         "--micro-batches", type=int, metavar="M", help="with --pipeline / --expert-parallel: micro-batches per "
@@ -178,8 +183,8 @@ def run_run(args: argparse.Namespace) -> int:
     if args.output and not args.output.endswith(".npy"):
         raise InputError(f"--output {args.output}: logits are saved as .npy; use a name ending in .npy")
     distributed = args.pipeline is not None or args.expert_parallel is not None
-    if not distributed and (args.micro_batches is not None or args.timeout is not None):
-        raise InputError("--micro-batches and --timeout apply to --pipeline / --expert-parallel runs only")
+    if not distributed and any(x is not None for x in (args.micro_batches, args.timeout, args.comm)):
+        raise InputError("--micro-batches, --timeout and --comm apply to --pipeline / --expert-parallel runs only")
     art = load_source(args.artifact, parse_sets(args.sets), args.seed, args.weights)
     f = art.module.functions[art.entry]
     if len(f.args) != 1 or f.args[0].type.dtype.is_float or f.args[0].type.rank != 2:

@@ -151,12 +151,14 @@ def run_pipeline_infer(args: argparse.Namespace, art: Artifact, tokens: np.ndarr
         args.timeout if args.timeout is not None else 300.0,
         ep,
         ep,
+        "cuda" if art.target == "cuda" else "ref",
+        args.comm or ("nccl" if art.target == "cuda" else "gloo"),
     )
     # Before joining the job: a bad option, a partition that cannot be made (more stages than layers), experts
     # that do not split E ways or the wrong process count fails at once on every rank, without a transfer.
     check_runnable(art, tokens, pc)
     built = build_inference(art.module, art.entry, pc, tokens.shape[0], tokens.shape[1])
-    rank, world = init_from_env(pc.timeout_s, "run", pc)
+    rank, world = init_from_env(pc.timeout_s, "run", pc, pc.comm)
     try:
         outputs = run_stage(rank, world, art, tokens, pc, built)
     except (PeerError, DistributedError) as e:

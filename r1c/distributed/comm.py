@@ -60,11 +60,13 @@ class Channel:
             self._pending.append((work, t, dst, what))  # keep t alive until the send completes
 
     def recv(
-        self, specs: list[tuple[tuple[int, ...], np.dtype]], src: int, kind: int, micro_batch: int
-    ) -> list[np.ndarray]:
+        self, specs: list[tuple[tuple[int, ...], np.dtype | torch.dtype]], src: int, kind: int, micro_batch: int
+    ) -> list[np.ndarray | torch.Tensor]:
         out = []
         for i, (shape, dtype) in enumerate(specs):
-            t = torch.empty(shape, dtype=_torch_dtype(np.dtype(dtype)), device=self.wire)
+            # a torch dtype: a device tensor's own (bf16 activations of a cuda stage); else a numpy one
+            is_torch = isinstance(dtype, torch.dtype)
+            t = torch.empty(shape, dtype=dtype if is_torch else _torch_dtype(np.dtype(dtype)), device=self.wire)
             what = "receiving " + _CARRIES[kind].format(i=i, m=micro_batch)
             try:
                 dist.recv(t, src, tag=tag(kind, micro_batch, i))
@@ -73,7 +75,7 @@ class Channel:
             if self.device is None:
                 out.append(_from_tensor(t, np.dtype(dtype)))
             else:
-                out.append((t.bool() if np.dtype(dtype) == np.dtype(bool) else t).to(self.device))
+                out.append((t.bool() if not is_torch and np.dtype(dtype) == np.dtype(bool) else t).to(self.device))
         return out
 
     def _wire(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ stage of replica 0 gathers every replica's results, in replica order, into the w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,10 +74,10 @@ def load_source(
 
 def check_runnable(art: Artifact, tokens: np.ndarray, pc: PipelineConfig) -> None:
     """What makes a pipelined run impossible, found before any process talks to another."""
-    if art.target != "ref":
+    if art.target not in ("ref", "cuda"):
         raise DistributedError(
-            f"--pipeline runs the stages on the reference interpreter: it needs an artifact of target 'ref' "
-            f"(`r1c compile --target ref`) or a model file, not target '{art.target}'"
+            f"--pipeline runs the stages on the reference interpreter or on GPUs: it needs an artifact of target "
+            f"'ref' or 'cuda' (`r1c compile --target ref|cuda`) or a model file, not target '{art.target}'"
         )
     art.check_inputs([tokens])
     b, parts = tokens.shape[0], pc.micro_batches * pc.data_parallel
@@ -136,16 +136,17 @@ def run_stage(
 ) -> list[np.ndarray] | None:
     """`infer_rank` for a loaded source; `built`: the result of `build_inference` when the caller already has it
     (the CLI builds it before joining the job, so a partition error stops every rank before any transfer)."""
-    from r1c.distributed.comm import FORWARD, Channel
+    from r1c.distributed.comm import FORWARD
     from r1c.distributed.expert_parallel import expert_overrides
     from r1c.distributed.expert_shard import take_blocks
-    from r1c.distributed.launch import place
-    from r1c.ir.interpreter import bind_dims, run_function
+    from r1c.distributed.launch import place, stage_channel
+    from r1c.ir.interpreter import bind_dims
     from r1c.passes.pipeline_schedule import stage_orders
 
     if world != pc.world:
         raise DistributedError(f"{pc.flags} needs {pc.world} processes, the job has {world}")
     check_runnable(art, tokens, pc)
+    pc = replace(pc, target="cuda" if art.target == "cuda" else "ref")  # the artifact says where stages run
     module, plans = built or build_inference(art.module, art.entry, pc, tokens.shape[0], tokens.shape[1])
     replica, stage, group = place(rank, pc)
     plan, last = plans[stage], stage == pc.stages - 1
@@ -159,17 +160,17 @@ def run_stage(
     b = share // pc.micro_batches
     env = bind_dims(entry, [tokens[:b]])  # every micro-batch has the same shape, so the same received shapes
     prev = plans[stage - 1].forward if stage else None
-    specs = [(r.type.concrete(env), r.type.dtype.numpy) for r in prev.results] if prev else []
-    channel = Channel(rank, world, pc.timeout_s)
-    overrides = expert_overrides(pc, channel, group, stage)
+    channel = stage_channel(rank, world, pc)
+    run = _stage_runner(art, module, plan.forward, weights, expert_overrides(pc, channel, group, stage))
+    specs = [(r.type.concrete(env), run.wire_dtype(r)) for r in prev.results] if prev else []
     results: list[list[np.ndarray]] = []
     for _, mb in stage_orders(pc.schedule, pc.stages, pc.micro_batches, training=False)[stage]:
         original = {a.name: tokens[mb * b : (mb + 1) * b] for a in entry.args}
         received = channel.recv(specs, rank - 1, FORWARD, mb) if prev else []
         by_name = {**original, **dict(zip(plan.received, received))}
-        outs = run_function(module, plan.forward, [by_name[a.name] for a in plan.forward.args], weights, overrides)
+        outs = run([by_name[a.name] for a in plan.forward.args])
         if last:
-            results.append([np.asarray(x) for x in outs])
+            results.append(run.to_host(outs))
         else:
             channel.send(outs, rank + 1, FORWARD, mb)
     channel.flush()
@@ -177,6 +178,55 @@ def run_stage(
         return None
     joined = _join(results)
     return joined if pc.data_parallel == 1 else _gather(channel, joined, replica, pc)
+
+
+class _RefStage:
+    """The stage's forward on the reference interpreter (expert parallelism hooks in through `overrides`)."""
+
+    def __init__(self, module: Module, f: Function, weights: dict[str, np.ndarray], overrides: Any) -> None:
+        self.module, self.f, self.weights, self.overrides = module, f, weights, overrides
+
+    def __call__(self, args: list) -> list:
+        from r1c.ir.interpreter import run_function
+
+        return run_function(self.module, self.f, args, self.weights, self.overrides)
+
+    def wire_dtype(self, value: Any) -> Any:
+        return value.type.dtype.numpy
+
+    def to_host(self, outs: list) -> list[np.ndarray]:
+        return [np.asarray(x) for x in outs]
+
+
+class _CudaStage:
+    """The stage's forward compiled for the cuda target with the artifact's dtype, on the rank's device."""
+
+    def __init__(self, art: Artifact, module: Module, f: Function, weights: dict[str, np.ndarray]) -> None:
+        import json
+
+        from r1c.backends.cuda.runtime import PLAN_FILE, Program
+        from r1c.distributed.stage_exec import compile_function
+
+        dtype = json.loads((Path(art.path) / PLAN_FILE).read_text()).get("dtype")
+        self.program = Program(compile_function(module, f, weights, dtype))
+
+    def __call__(self, args: list) -> list:
+        p = self.program
+        return p.forward([a if not isinstance(a, np.ndarray) else p.to_device([a])[0] for a in args])
+
+    def wire_dtype(self, value: Any) -> Any:
+        """The torch dtype the previous stage sends this value in (bf16 under the artifact's dtype=bf16)."""
+        return self.program.dtype_of(value.type.dtype)
+
+    def to_host(self, outs: list) -> list[np.ndarray]:
+        import torch
+
+        narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+        return [(o.float() if o.dtype in narrow else o).cpu().numpy() for o in outs]
+
+
+def _stage_runner(art: Artifact, module: Module, f: Function, weights: dict[str, np.ndarray], overrides: Any) -> Any:
+    return _CudaStage(art, module, f, weights) if art.target == "cuda" else _RefStage(module, f, weights, overrides)
 
 
 def _join(parts: list[list[np.ndarray]]) -> list[np.ndarray]:

@@ -338,4 +338,4 @@ def spawn_inference(spec: Any, timeout_s: float | None = None) -> list[RankOutco
     from r1c.distributed.inference import infer_rank
 
     t = spec.pipeline.timeout_s if timeout_s is None else timeout_s
-    return spawn(infer_rank, spec.pipeline.world, (spec,), t)
+    return spawn(infer_rank, spec.pipeline.world, (spec,), t, spec.pipeline.comm)

@@ -82,7 +82,9 @@ class PipelineConfig:
         if self.comm == "nccl" and self.target != "cuda":
             raise DistributedError("--comm nccl moves GPU tensors: it needs --target cuda")
         if self.target == "cuda" and self.expert_parallel > 1:
-            raise DistributedError("--expert-parallel runs on --target ref only (no GPU all-to-all dispatch yet)")
+            raise DistributedError(
+                "--expert-parallel runs on the reference interpreter only (no GPU all-to-all dispatch yet)"
+            )
         if self.timeout_s <= 0:
             raise DistributedError(f"the timeout must be > 0 seconds, got {self.timeout_s}")
 

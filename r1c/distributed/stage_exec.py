@@ -1,4 +1,4 @@
-"""Where a pipeline stage's functions (forward, VJP, update) run, and the few array operations the stage runner
+"""Where a pipeline stage's training functions (forward, VJP, update) run, and the few array operations the stage runner
 needs between them, for each training target:
 
 - `RefStageExec`: numpy arrays through the reference interpreter (expert parallelism hooks in here);
@@ -66,7 +66,7 @@ class CudaStageExec:
         self.programs: dict[str, Program] = {}
         for f in (plan.forward, plan.vjp, plan.update):
             if f is not None:
-                self.programs[f.name] = Program(_compile(module, f, state), weights=self.weights)
+                self.programs[f.name] = Program(compile_function(module, f, state), weights=self.weights)
 
     def run(self, f: Function, args: list) -> list:
         p = self.programs[f.name]
@@ -103,14 +103,16 @@ class CudaStageExec:
         return out
 
 
-def _compile(module: Module, f: Function, state: dict[str, np.ndarray]) -> Any:
-    """One stage function as its own cuda artifact (only the params it reads), compiled as partitioned."""
+def compile_function(module: Module, f: Function, weights: dict[str, np.ndarray], dtype: str | None = None) -> Any:
+    """One stage function as its own cuda artifact with only the params it reads (already optimized: the stages
+    come from a partition of the optimized module)."""
     from r1c.backends.cuda.target import compile_cuda
 
     reads = {op.attrs["name"] for op in f.body if op.name == "param"}
     sub = Module(module.name, {n: p for n, p in module.params.items() if n in reads}, {f.name: f}, dict(module.attrs))
     out = tempfile.mkdtemp(prefix=f"r1c-stage-{f.name}-")
-    return compile_cuda(sub, {n: state[n] for n in reads}, out, {"entry": f.name, "passes": "canonicalize,cse,dce"})
+    options = {"entry": f.name, "passes": "canonicalize,cse,dce", "dtype": dtype}
+    return compile_cuda(sub, {n: weights[n] for n in reads}, out, options)
 
 
 def stage_exec(target: str, module: Module, plan: StagePlan, state: dict[str, np.ndarray], overrides: Any) -> Any:

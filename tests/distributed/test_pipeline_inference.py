@@ -129,7 +129,7 @@ def test_bad_options_are_errors(batch, tmp_path, capsys, monkeypatch) -> None:
         ([str(TINY), *rows, "--pipeline", "1"], "--pipeline needs at least 2 stages, got 1"),
         ([str(TINY), *rows, "--pipeline", "2", "--micro-batches", "3"], "must be a multiple of --micro-batches (3)"),
         ([str(TINY), *rows, "--pipeline", "64"], "too few for 64 stages"),
-        ([str(TINY), *rows, "--micro-batches", "2"], "--micro-batches and --timeout apply to --pipeline / --expert"),
+        ([str(TINY), *rows, "--micro-batches", "2"], "--timeout and --comm apply to --pipeline / --expert"),
         ([str(TINY), *rows, "--expert-parallel", "2"], "start it with `torchrun --nproc-per-node N r1c run ...`"),
         ([str(TINY), *rows, "--expert-parallel", "3"], "multiple of --micro-batches (1) times --expert-parallel (3)"),
         ([str(TINY), *_tokens_args(batch[:3]), "--expert-parallel", "3"], "3 must divide the number of routed experts"),
