@@ -15,17 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1,), (7,), (33, 5), (1025,), (3, 17, 11)]
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every buffer the launchers allocate starts as NaN (floats) or a huge value (ints), so an unwritten element
-    fails."""
-    empty = torch.empty
-
-    def poisoned(*s, **kw) -> torch.Tensor:
-        t = empty(*s, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(12345)
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+pytestmark = pytest.mark.usefixtures("poison_empty")  # conftest.py: unwritten elements fail
 
 
 def ref(op: str, ins: list, **attrs) -> list[np.ndarray]:
