@@ -62,6 +62,20 @@ def compile_cuda(
     return art
 
 
+def compile_program(
+    module: "Module", weights: dict[str, np.ndarray], options: Mapping[str, Any], device_weights: Any = None
+) -> Any:
+    """Compile into a temporary directory and load the program (`device_weights`: see `Program`); the directory is
+    gone once the program holds its plan and kernels. For plans built at run time (training steps, pipeline stages)
+    whose artifact nobody keeps."""
+    import tempfile
+
+    from r1c.backends.cuda.runtime import Program
+
+    with tempfile.TemporaryDirectory(prefix=f"r1c-{module.name}-") as out:
+        return Program(compile_cuda(module, weights, Path(out), options), weights=device_weights)
+
+
 def run_cuda(artifact: "Artifact", inputs: list[np.ndarray]) -> list[np.ndarray]:
     from r1c.backends.cuda.runtime import program
 

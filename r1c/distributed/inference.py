@@ -204,11 +204,11 @@ class _CudaStage:
     def __init__(self, art: Artifact, module: Module, f: Function, weights: dict[str, np.ndarray]) -> None:
         import json
 
-        from r1c.backends.cuda.runtime import PLAN_FILE, Program
-        from r1c.distributed.stage_exec import compile_function
+        from r1c.backends.cuda.runtime import PLAN_FILE
+        from r1c.distributed.stage_exec import stage_program
 
         dtype = json.loads((Path(art.path) / PLAN_FILE).read_text()).get("dtype")
-        self.program = Program(compile_function(module, f, weights, dtype))
+        self.program = stage_program(module, f, weights, dtype)
 
     def __call__(self, args: list) -> list:
         p = self.program

@@ -9,7 +9,6 @@ needs between them, for each training target:
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -66,7 +65,7 @@ class CudaStageExec:
         self.programs: dict[str, Program] = {}
         for f in (plan.forward, plan.vjp, plan.update):
             if f is not None:
-                self.programs[f.name] = Program(compile_function(module, f, state), weights=self.weights)
+                self.programs[f.name] = stage_program(module, f, state, device_weights=self.weights)
 
     def run(self, f: Function, args: list) -> list:
         p = self.programs[f.name]
@@ -103,16 +102,17 @@ class CudaStageExec:
         return out
 
 
-def compile_function(module: Module, f: Function, weights: dict[str, np.ndarray], dtype: str | None = None) -> Any:
-    """One stage function as its own cuda artifact with only the params it reads (already optimized: the stages
-    come from a partition of the optimized module)."""
-    from r1c.backends.cuda.target import compile_cuda
+def stage_program(
+    module: Module, f: Function, weights: dict[str, np.ndarray], dtype: str | None = None, device_weights: Any = None
+) -> Any:
+    """One stage function compiled for the cuda target with only the params it reads (already optimized: the
+    stages come from a partition of the optimized module), loaded as a `Program`."""
+    from r1c.backends.cuda.target import compile_program
 
     reads = {op.attrs["name"] for op in f.body if op.name == "param"}
     sub = Module(module.name, {n: p for n, p in module.params.items() if n in reads}, {f.name: f}, dict(module.attrs))
-    out = tempfile.mkdtemp(prefix=f"r1c-stage-{f.name}-")
     options = {"entry": f.name, "passes": "canonicalize,cse,dce", "dtype": dtype}
-    return compile_cuda(sub, {n: weights[n] for n in reads}, out, options)
+    return compile_program(sub, {n: weights[n] for n in reads}, options, device_weights)
 
 
 def stage_exec(target: str, module: Module, plan: StagePlan, state: dict[str, np.ndarray], overrides: Any) -> Any:

@@ -7,7 +7,6 @@ and the new value of every state tensor, which replaces the old one.
 
 from __future__ import annotations
 
-import tempfile
 from typing import Protocol
 
 import numpy as np
@@ -84,13 +83,10 @@ class CudaStepRunner:
     """The train step compiled for the cuda target; its weights are the state, replaced by each step's results."""
 
     def __init__(self, module: Module, state: dict[str, np.ndarray]) -> None:
-        from r1c.backends.cuda.runtime import Program
-        from r1c.backends.cuda.target import compile_cuda
+        from r1c.backends.cuda.target import compile_program
 
         self.state_names = names_attr(module, "state")
-        out = tempfile.mkdtemp(prefix=f"r1c-train-{module.name}-")
-        art = compile_cuda(module, state, out, {"entry": STEP_FUNCTION, "passes": CUDA_STEP_PASSES})
-        self.program = Program(art)
+        self.program = compile_program(module, state, {"entry": STEP_FUNCTION, "passes": CUDA_STEP_PASSES})
 
     def run(self, inputs: list[np.ndarray]) -> list[float]:
         import torch
