@@ -22,7 +22,9 @@ from r1c.ir.verifier import verify
 from r1c.passes.pipeline_partition import pipeline_partition, stage_functions
 from r1c.passes.pipeline_schedule import SCHEDULES
 from r1c.train.config import TrainConfig
-from r1c.train.step import BALANCE_BIAS, emit_updates, optimizer_state_names
+from r1c.train.lora import apply_lora
+from r1c.train.mixed_precision import to_mixed_precision
+from r1c.train.step import emit_updates, is_trainable, optimizer_state_names
 
 LOSS = "loss"
 UPDATE_SUFFIX = ".update"
@@ -124,8 +126,6 @@ def check_supported(cfg: TrainConfig, pc: PipelineConfig) -> None:
             + ": micro-batches of equal size"
         )
     unsupported = {
-        "lora_rank": (cfg.lora_rank, 0, "LoRA"),
-        "precision": (cfg.precision, "f32", "bf16 mixed precision"),
         "aux_loss_alpha": (cfg.aux_loss_alpha, 0.0, "the expert balance loss (its per-sequence terms cross stages)"),
         "bias_gamma": (cfg.bias_gamma, 0.0, "the balancing-bias update"),
         "recompute": (cfg.recompute, "none", "recompute=layer (each stage already recomputes its forward)"),
@@ -162,6 +162,11 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
         from r1c.distributed.expert_shard import shard_module  # it raises this module's DistributedError
 
         base, experts = shard_module(base, LOSS, pc.expert_parallel)
+    # As `build_train_step` does, before partitioning: each stage holds its own adapters and casts.
+    if cfg.lora_rank:
+        base = apply_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), function=LOSS)
+    if cfg.precision == "bf16":
+        base = to_mixed_precision(base, function=LOSS, dtype=DType.bf16)
     module = pipeline_partition(
         base,
         stages=pc.stages,
@@ -186,8 +191,9 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
     plans = []
     for k, (f, (inputs, received_names)) in enumerate(zip(stages, io)):
         received = [a for a in f.args if a.name in received_names]
-        vjp, grad_names = stage_vjp(module, f, received)
-        trainable = [n for n in grad_names if not n.endswith(BALANCE_BIAS)]
+        # With LoRA the frozen weights get no gradient at all (the VJP skips their weight-gradient GEMMs).
+        vjp, grad_names = stage_vjp(module, f, received, (lambda n: is_trainable(n, cfg)) if cfg.lora_rank else None)
+        trainable = [n for n in grad_names if is_trainable(n, cfg)]
         update = _build_update(module, f.name + UPDATE_SUFFIX, cfg, trainable) if trainable else None
         state = [s for n in trainable for s in (n, *optimizer_state_names(cfg, n))]
         # Parameters without a gradient (the routing bias) still belong to this rank: it reads them.

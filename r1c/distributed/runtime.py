@@ -87,8 +87,8 @@ class StageRunner:
         """The stage's parameters and optimizer state, on the host."""
         return self.exec.host_state()
 
-    def _specs(self, f: Function, env: dict[str, int]) -> list[tuple[tuple[int, ...], np.dtype]]:
-        return [(r.type.concrete(env), r.type.dtype.numpy) for r in f.results]
+    def _specs(self, f: Function, env: dict[str, int]) -> list[tuple[tuple[int, ...], object]]:
+        return [(r.type.concrete(env), self.exec.wire_dtype(r)) for r in f.results]
 
     def run_step(self, tokens: np.ndarray, labels: np.ndarray) -> StepResult:
         plan, ch, m_count, replicas = self.plan, self.channel, self.pc.micro_batches, self.pc.data_parallel
@@ -129,7 +129,7 @@ class StageRunner:
                 else:
                     floats = [r for r in plan.forward.results if r.type.dtype.is_float]
                     env_m = bind_dims(plan.forward, args)
-                    specs = [(r.type.concrete(env_m), r.type.dtype.numpy) for r in floats]
+                    specs = [(r.type.concrete(env_m), self.exec.wire_dtype(r)) for r in floats]
                     cots = ch.recv(specs, self.base + self.rank + 1, BACKWARD, m)
                 outs = self._timed(plan.vjp, args + cots)
                 n = plan.n_received_float

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from r1c.distributed.program import DistributedError, StagePlan
-from r1c.ir.core import Function, Module
+from r1c.ir.core import Function, Module, Value
 from r1c.ir.interpreter import run_function
 
 
@@ -32,6 +32,10 @@ class RefStageExec:
 
     def sync(self) -> None:
         """Wait for the work launched so far (numpy: done already)."""
+
+    def wire_dtype(self, value: Value) -> np.dtype:
+        """The dtype `value` travels in between stages (the interpreter holds bf16 values as rounded float32)."""
+        return np.dtype(value.type.dtype.numpy)
 
     def host_state(self) -> dict[str, np.ndarray]:
         return self.state
@@ -70,6 +74,10 @@ class CudaStageExec:
     def run(self, f: Function, args: list) -> list:
         p = self.programs[f.name]
         return p.forward([a if isinstance(a, self.torch.Tensor) else p.to_device([a])[0] for a in args])
+
+    def wire_dtype(self, value: Value) -> Any:
+        """The torch dtype of `value` on the device (bf16 activations under mixed precision)."""
+        return next(iter(self.programs.values())).dtype_of(value.type.dtype)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -20,6 +20,8 @@ recomputed values are bit-for-bit those of the forward run (same ops, same input
 
 from __future__ import annotations
 
+from typing import Callable
+
 from r1c.build import FunctionBuilder, ModuleBuilder
 from r1c.ir.core import Function, Module, Value
 from r1c.ir.ops.grad_util import accumulate, zeros
@@ -33,9 +35,12 @@ def float_values(values: list[Value]) -> list[Value]:
     return [v for v in values if v.type.dtype.is_float]
 
 
-def stage_vjp(module: Module, stage: Function, received: list[Value]) -> tuple[Function, list[str]]:
+def stage_vjp(
+    module: Module, stage: Function, received: list[Value], wrt: Callable[[str], bool] | None = None
+) -> tuple[Function, list[str]]:
     """Add `@<stage>.vjp` to `module` (in place) and return it with the names of the parameters whose gradients
-    it returns after the received values' cotangents (module.params order, float parameters only).
+    it returns after the received values' cotangents (module.params order, float parameters only; of those, the
+    ones `wrt` accepts: LoRA's frozen weights get none).
 
     `received` are the stage's arguments that come from the previous stage; their float ones get cotangents.
     The function's arguments are the stage's arguments, then one cotangent per float result (same type)."""
@@ -64,7 +69,7 @@ def stage_vjp(module: Module, stage: Function, received: list[Value]) -> tuple[F
             if g is not None:
                 cts[v] = accumulate(fb, cts.get(v), g)
     read = {op.attrs["name"]: op.result for op in stage.body if op.name == "param"}
-    names = [n for n in module.params if n in read and module.params[n].type.dtype.is_float]
+    names = [n for n in module.params if n in read and module.params[n].type.dtype.is_float and (not wrt or wrt(n))]
     recv_cts = [cts.get(v) or zeros(fb, fwd[v].type) for v in recv_float]
     grads = [cts.get(read[n]) or zeros(fb, fwd[read[n]].type) for n in names]
     fb.ret(*recv_cts, *grads)

@@ -70,7 +70,7 @@ def build_train_step(module: Module, cfg: TrainConfig, loss: str = "loss", loss_
     fb = mb.function(STEP_FUNCTION, **{a.name: a.type for a in src.args}, step=TensorType(DType.int32, ()))
     env = copy_body(fb, src)
     loss_value, grads = env[src.results[0]], dict(zip(grad_names, (env[r] for r in src.results[1:])))
-    trainable = [n for n in grad_names if _is_trainable(n, cfg)]
+    trainable = [n for n in grad_names if is_trainable(n, cfg)]
     if not trainable:
         raise TrainStepError("nothing to train: no parameter the loss reads is trainable")
 
@@ -122,7 +122,8 @@ def emit_updates(
     return new_values
 
 
-def _is_trainable(name: str, cfg: TrainConfig) -> bool:
+def is_trainable(name: str, cfg: TrainConfig) -> bool:
+    """Whether `cfg` trains parameter `name` (not a routing bias; with LoRA, only the adapters)."""
     if name.endswith(BALANCE_BIAS):
         return False
     return LORA_MARK in name if cfg.lora_rank else True

@@ -19,6 +19,7 @@ import pytest
 
 from r1c.distributed.launch import TrainSpec, spawn_training, train_rank
 from r1c.distributed.program import DistributedError, PipelineConfig, build_pipeline
+from r1c.train.runtime import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "examples/r1-tiny.r1"
@@ -120,8 +121,6 @@ def test_killed_rank_stops_every_rank(setup) -> None:
 def test_unsupported_options_are_errors(setup) -> None:
     base, cfg, _ = setup
     for change, words in (
-        ({"lora_rank": 4}, "LoRA"),
-        ({"precision": "bf16"}, "bf16"),
         ({"bias_gamma": 0.01}, "balancing-bias"),
         ({"aux_loss_alpha": 0.01}, "expert balance loss"),
         ({"recompute": "layer"}, "recompute=layer"),
@@ -142,13 +141,41 @@ def test_unsupported_options_are_errors(setup) -> None:
         PipelineConfig(2, 2, "interleaved")
 
 
+@pytest.mark.parametrize(
+    "options, micro_batches, tol",
+    [({"lora_rank": 4}, 2, 1e-7), ({"precision": "bf16"}, 1, 0.0)],
+    ids=["lora", "bf16"],
+)
+def test_lora_and_bf16_match_single_process(setup, ok, options: dict, micro_batches: int, tol: float) -> None:
+    """LoRA adapters and bf16 mixed precision are applied before partitioning, as `build_train_step` applies them:
+    two steps on 2 stages equal the single-process trainer's (bf16 bit for bit with one micro-batch: more would
+    round each micro-batch's bf16 backward on its own), adapters trained, the frozen weights untouched."""
+    base, cfg, tokens = setup
+    cfg = cfg.replace(**options)
+    trainer = Trainer.create(base, cfg, tokens)
+    history = [trainer.run_step(), trainer.run_step()]
+    spec = TrainSpec(str(TINY), cfg, PipelineConfig(2, micro_batches, "1f1b", TIMEOUT_S), tokens)
+    results = ok(spawn_training(spec))
+    state = {n: v for r in results for n, v in r.state.items()}
+    assert set(state) == set(trainer.state)
+    for name, want in trainer.state.items():
+        assert float(np.max(np.abs(state[name] - want))) <= tol, name
+    assert [h.loss for h in results[0].history] == pytest.approx([h.loss for h in history], abs=tol)
+    if "lora_rank" in options:
+        init = Trainer.create(base, cfg, tokens).state
+        frozen = [n for n in init if "lora_" not in n and not n.startswith(("adamw.", "sgd."))]
+        assert frozen and all(np.array_equal(state[n], init[n]) for n in frozen)
+
+
 def test_cli_pipeline_needs_torchrun(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     args = [sys.executable, "-m", "r1c.cli", "train", str(TINY), "--data", str(CORPUS), "--out", str(tmp_path)]
     p = subprocess.run([*args, "--pipeline", "2"], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 1 and "torchrun --nproc-per-node N" in p.stderr, p.stderr
-    p = subprocess.run([*args, "--pipeline", "2", "--lora-rank", "4"], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and "does not support LoRA" in p.stderr, p.stderr
+    p = subprocess.run(
+        [*args, "--pipeline", "2", "--aux-loss-alpha", "0.01"], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 1 and "does not support the expert balance loss" in p.stderr, p.stderr
     p = subprocess.run([*args, "--micro-batches", "2"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "apply to --pipeline training only" in p.stderr, p.stderr
     p = subprocess.run([*args, "--data-parallel", "2"], capture_output=True, text=True, timeout=120)
