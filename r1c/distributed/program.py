@@ -13,10 +13,11 @@ Per stage k the module holds
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
-from r1c.build import ModuleBuilder
+from r1c.build import FunctionBuilder, ModuleBuilder
 from r1c.distributed.stage_grad import VJP_SUFFIX, float_values, stage_vjp
-from r1c.ir.core import Function, Module
+from r1c.ir.core import Function, Module, Value
 from r1c.ir.types import DType, TensorType
 from r1c.ir.verifier import verify
 from r1c.passes.pipeline_partition import pipeline_partition, stage_functions
@@ -24,7 +25,7 @@ from r1c.passes.pipeline_schedule import SCHEDULES
 from r1c.train.config import TrainConfig
 from r1c.train.lora import apply_lora
 from r1c.train.mixed_precision import to_mixed_precision
-from r1c.train.step import emit_updates, is_trainable, optimizer_state_names
+from r1c.train.step import emit_updates, expert_loads, is_trainable, optimizer_state_names
 
 LOSS = "loss"
 UPDATE_SUFFIX = ".update"
@@ -107,6 +108,9 @@ class StagePlan:
     # With expert parallelism: the tensors of `state` that are a row block of the whole (expert weights and their
     # optimizer state): each replica holds its own block, and their gradients are not all-reduced.
     experts: tuple[str, ...] = ()
+    # With bias_gamma > 0: the routing biases the update moves, in order; @vjp returns each one's expert load after
+    # the gradients (summed over micro-batches and replicas by the runner) and @update takes them after the grads.
+    biases: tuple[str, ...] = ()
 
     @property
     def n_received_float(self) -> int:
@@ -127,7 +131,6 @@ def check_supported(cfg: TrainConfig, pc: PipelineConfig) -> None:
         )
     unsupported = {
         "aux_loss_alpha": (cfg.aux_loss_alpha, 0.0, "the expert balance loss (its per-sequence terms cross stages)"),
-        "bias_gamma": (cfg.bias_gamma, 0.0, "the balancing-bias update"),
         "recompute": (cfg.recompute, "none", "recompute=layer (each stage already recomputes its forward)"),
     }
     for key, (value, default, what) in unsupported.items():
@@ -192,10 +195,12 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
     for k, (f, (inputs, received_names)) in enumerate(zip(stages, io)):
         received = [a for a in f.args if a.name in received_names]
         # With LoRA the frozen weights get no gradient at all (the VJP skips their weight-gradient GEMMs).
-        vjp, grad_names = stage_vjp(module, f, received, (lambda n: is_trainable(n, cfg)) if cfg.lora_rank else None)
+        biases: list[str] = []  # filled by the VJP's load results, in their order
+        wrt = (lambda n: is_trainable(n, cfg)) if cfg.lora_rank else None
+        vjp, grad_names = stage_vjp(module, f, received, wrt, _load_results(f, biases) if cfg.bias_gamma > 0 else None)
         trainable = [n for n in grad_names if is_trainable(n, cfg)]
-        update = _build_update(module, f.name + UPDATE_SUFFIX, cfg, trainable) if trainable else None
-        state = [s for n in trainable for s in (n, *optimizer_state_names(cfg, n))]
+        update = _build_update(module, f.name + UPDATE_SUFFIX, cfg, trainable, biases) if trainable else None
+        state = [s for n in trainable for s in (n, *optimizer_state_names(cfg, n))] + biases
         # Parameters without a gradient (the routing bias) still belong to this rank: it reads them.
         state += [n for n in grad_names if n not in trainable]
         state += [op.attrs["name"] for op in f.body if op.name == "param" and op.attrs["name"] not in state]
@@ -203,10 +208,21 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
         plans.append(
             StagePlan(
                 k, f, vjp, update, inputs, tuple(a.name for a in received), tuple(grad_names), tuple(trainable),
-                tuple(state), tuple(blocks),
+                tuple(state), tuple(blocks), tuple(biases),
             )
         )  # fmt: skip
     return verify(module), plans
+
+
+def _load_results(f: Function, biases: list[str]) -> Callable[[FunctionBuilder, dict[Value, Value]], list[Value]]:
+    """`stage_vjp`'s `extra`: the expert load of each MoE layer of stage `f`; appends their biases to `biases`."""
+
+    def loads(fb: FunctionBuilder, env: dict[Value, Value]) -> list[Value]:
+        found = expert_loads(fb, f, env)
+        biases.extend(name for name, _ in found)
+        return [load for _, load in found]
+
+    return loads
 
 
 def stage_io(
@@ -230,19 +246,26 @@ def stage_io(
     return out
 
 
-def _build_update(module: Module, name: str, cfg: TrainConfig, trainable: list[str]) -> Function:
-    """`@name(step, norm, grad...)` -> new (param, optimizer state...) per trainable param, as `@train_step`."""
+def _build_update(module: Module, name: str, cfg: TrainConfig, trainable: list[str], biases: list[str]) -> Function:
+    """`@name(step, norm, grad..., load...)` -> new (param, optimizer state...) per trainable param, as
+    `@train_step`, then each routing bias moved by its expert load (the balancing rule)."""
     mb = ModuleBuilder(module.name)
     mb.module = module
     scalar = TensorType(DType.f32, ())
     grads_t = {f"grad.{n}": module.params[n].type for n in trainable}
-    fb = mb.function(name, step=TensorType(DType.int32, ()), norm=scalar, **grads_t)
+    loads_t = {f"load.{n}": TensorType(DType.f32, module.params[n].type.shape) for n in biases}
+    fb = mb.function(name, step=TensorType(DType.int32, ()), norm=scalar, **grads_t, **loads_t)
     step, norm, grads = fb.args[0], fb.args[1], dict(zip(trainable, fb.args[2:]))
+    loads = fb.args[2 + len(trainable) :]
     lr = fb.lr_schedule(step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_lr=cfg.min_lr, kind=cfg.schedule)
     if cfg.clip > 0:
         coef = fb.clip_coef(norm, max_norm=cfg.clip)
         grads = {n: fb.mul(grads[n], coef) for n in trainable}
-    fb.ret(*emit_updates(fb, cfg, trainable, grads, lr, step))
+    new_biases = []
+    for bias, load in zip(biases, loads):
+        with fb.scope(bias.rsplit(".gate.", 1)[0]):
+            new_biases.append(fb.balance_bias_update(fb.param(bias), load, gamma=cfg.bias_gamma))
+    fb.ret(*emit_updates(fb, cfg, trainable, grads, lr, step), *new_biases)
     return fb.function
 
 

@@ -138,7 +138,11 @@ class StageRunner:
                 step_grads = outs[n:]
                 grads = step_grads if grads is None else [g + d for g, d in zip(grads, step_grads)]
         ch.flush()
-        by_name = dict(zip(plan.grad_params, grads or []))
+        grads = grads or []
+        by_name = dict(zip(plan.grad_params, grads))
+        loads = grads[len(plan.grad_params) :]  # the MoE layers' expert loads (balancing biases), summed likewise
+        if replicas > 1 and loads:
+            loads = self._all_reduce_grads(loads)
         # Expert blocks' gradients already sum over every replica's tokens (expert_parallel.py): not all-reduced.
         shared = [n for n in plan.grad_params if n not in plan.experts]
         if replicas > 1 and shared:
@@ -160,8 +164,9 @@ class StageRunner:
         if plan.update is not None:
             ex = self.exec
             args = [ex.scalar(self.step, np.int32), ex.scalar(norm, np.float32), *(by_name[n] for n in plan.trainable)]
-            new = ex.run(plan.update, args)
-            ex.set_state(dict(zip(plan.state, new)))  # the update returns (param, optimizer state...) per param
+            new = ex.run(plan.update, args + loads)
+            # the update returns (param, optimizer state...) per param, then the moved biases
+            ex.set_state(dict(zip(plan.state, new)))
         lr = lr_at(self.step, self.cfg.lr, self.cfg.warmup, self.cfg.steps, self.cfg.min_lr, self.cfg.schedule)
         return StepResult(self.step, float(np.float32(total_loss)), lr, float(np.float32(norm)), int(full_tokens.size))
 

@@ -36,11 +36,16 @@ def float_values(values: list[Value]) -> list[Value]:
 
 
 def stage_vjp(
-    module: Module, stage: Function, received: list[Value], wrt: Callable[[str], bool] | None = None
+    module: Module,
+    stage: Function,
+    received: list[Value],
+    wrt: Callable[[str], bool] | None = None,
+    extra: Callable[[FunctionBuilder, dict[Value, Value]], list[Value]] | None = None,
 ) -> tuple[Function, list[str]]:
     """Add `@<stage>.vjp` to `module` (in place) and return it with the names of the parameters whose gradients
     it returns after the received values' cotangents (module.params order, float parameters only; of those, the
-    ones `wrt` accepts: LoRA's frozen weights get none).
+    ones `wrt` accepts: LoRA's frozen weights get none). `extra(fb, env)` may add results after the gradients,
+    computed from the recomputed forward (`env` maps the stage's values to the VJP's): the MoE expert loads.
 
     `received` are the stage's arguments that come from the previous stage; their float ones get cotangents.
     The function's arguments are the stage's arguments, then one cotangent per float result (same type)."""
@@ -72,6 +77,6 @@ def stage_vjp(
     names = [n for n in module.params if n in read and module.params[n].type.dtype.is_float and (not wrt or wrt(n))]
     recv_cts = [cts.get(v) or zeros(fb, fwd[v].type) for v in recv_float]
     grads = [cts.get(read[n]) or zeros(fb, fwd[read[n]].type) for n in names]
-    fb.ret(*recv_cts, *grads)
+    fb.ret(*recv_cts, *grads, *(extra(fb, fwd) if extra else []))
     erase_dead(fb.function)  # forward copies no cotangent reads
     return fb.function, names

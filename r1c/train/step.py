@@ -155,7 +155,19 @@ def balance_biases(
 ) -> list[tuple[str, Value]]:
     """Per MoE layer: the expert load of this batch (tokens routed to each expert) and the updated routing bias."""
     out = []
-    params = {op.attrs["name"] for op in src.body if op.name == "param"}
+    for bias, load in expert_loads(fb, src, env, require=True):
+        with fb.scope(bias.rsplit(".gate.", 1)[0]):
+            out.append((bias, fb.balance_bias_update(fb.param(bias), load, gamma=gamma)))
+    return out
+
+
+def expert_loads(
+    fb: FunctionBuilder, src: Function, env: dict[Value, Value], require: bool = False
+) -> list[tuple[str, Value]]:
+    """Per MoE layer of `src` (emitted into `fb`, `env` mapping src's values to fb's): its routing bias's name and
+    the tokens routed to each of its routed experts, f32 [E]. `require`: no MoE layer is an error."""
+    out = []
+    params = {op.attrs["name"]: op.result for op in src.body if op.name == "param"}
     for op in _moe_ops(src):
         prefix = (op.loc or "").rsplit(".experts", 1)[0]
         bias = f"{prefix}.gate.{BALANCE_BIAS}"
@@ -164,17 +176,15 @@ def balance_biases(
                 f"balancing-bias update: the MoE layer at {op.loc!r} has no routing bias @{bias} "
                 "(set use_score_bias = true, or train.bias_gamma = 0)"
             )
-        ids = env[op.operands[1]]
-        if op.name == "moe_experts":
-            n_routed, depth = op.operands[3].type.shape[0], op.operands[3].type.shape[0]
-        else:  # expert fusion's moe_permute: the shared experts' ids (n_routed, ...) come after the routed ones
-            n_routed, depth = op.attrs["num_experts"] - op.attrs["num_shared"], op.attrs["num_experts"]
+        n_routed = params[bias].type.shape[0]  # the bias's, not the weights': expert parallelism splits those
+        # expert fusion's moe_permute counts the shared experts too: their ids (n_routed, ...) follow the routed
+        depth = op.attrs["num_experts"] if op.name == "moe_permute" else n_routed
         with fb.scope(prefix):
-            load = fb.reduce_sum(fb.one_hot(ids, depth=depth), axes=(0, 1))
+            load = fb.reduce_sum(fb.one_hot(env[op.operands[1]], depth=depth), axes=(0, 1))
             if depth != n_routed:
                 load = fb.slice(load, axis=0, start=0, stop=n_routed)
-            out.append((bias, fb.balance_bias_update(fb.param(bias), load, gamma=gamma)))
-    if not out:
+        out.append((bias, load))
+    if require and not out:
         raise TrainStepError("train.bias_gamma > 0 but the loss has no MoE layers (moe_experts or moe_permute ops)")
     return out
 

@@ -121,7 +121,6 @@ def test_killed_rank_stops_every_rank(setup) -> None:
 def test_unsupported_options_are_errors(setup) -> None:
     base, cfg, _ = setup
     for change, words in (
-        ({"bias_gamma": 0.01}, "balancing-bias"),
         ({"aux_loss_alpha": 0.01}, "expert balance loss"),
         ({"recompute": "layer"}, "recompute=layer"),
     ):
@@ -142,25 +141,32 @@ def test_unsupported_options_are_errors(setup) -> None:
 
 
 @pytest.mark.parametrize(
-    "options, micro_batches, tol",
-    [({"lora_rank": 4}, 2, 1e-7), ({"precision": "bf16"}, 1, 0.0)],
-    ids=["lora", "bf16"],
+    "options, micro_batches, replicas, tol",
+    [({"lora_rank": 4}, 2, 1, 1e-7), ({"precision": "bf16"}, 1, 1, 0.0), ({"bias_gamma": 0.01}, 1, 2, 2e-7)],
+    ids=["lora", "bf16", "bias-update"],
 )
-def test_lora_and_bf16_match_single_process(setup, ok, options: dict, micro_batches: int, tol: float) -> None:
-    """LoRA adapters and bf16 mixed precision are applied before partitioning, as `build_train_step` applies them:
-    two steps on 2 stages equal the single-process trainer's (bf16 bit for bit with one micro-batch: more would
-    round each micro-batch's bf16 backward on its own), adapters trained, the frozen weights untouched."""
+def test_training_options_match_single_process(
+    setup, ok, options: dict, micro_batches: int, replicas: int, tol: float
+) -> None:
+    """LoRA adapters and bf16 mixed precision are applied before partitioning, as `build_train_step` applies them,
+    and the balancing-bias rule moves each routing bias by its layer's expert load over the whole batch (every
+    micro-batch and replica): two steps on 2 stages equal the single-process trainer's (bf16 bit for bit with one
+    micro-batch: more would round each micro-batch's bf16 backward on its own), the frozen weights untouched."""
     base, cfg, tokens = setup
     cfg = cfg.replace(**options)
     trainer = Trainer.create(base, cfg, tokens)
     history = [trainer.run_step(), trainer.run_step()]
-    spec = TrainSpec(str(TINY), cfg, PipelineConfig(2, micro_batches, "1f1b", TIMEOUT_S), tokens)
-    results = ok(spawn_training(spec))
+    pc = PipelineConfig(2, micro_batches, "1f1b", TIMEOUT_S, data_parallel=replicas)
+    spec = TrainSpec(str(TINY), cfg, pc, tokens)
+    results = ok(spawn_training(spec))[:2]  # replica 0
     state = {n: v for r in results for n, v in r.state.items()}
     assert set(state) == set(trainer.state)
     for name, want in trainer.state.items():
         assert float(np.max(np.abs(state[name] - want))) <= tol, name
     assert [h.loss for h in results[0].history] == pytest.approx([h.loss for h in history], abs=tol)
+    if "bias_gamma" in options:
+        init = Trainer.create(base, cfg, tokens).state
+        assert all(not np.array_equal(state[n], init[n]) for n in init if n.endswith("e_score_correction_bias"))
     if "lora_rank" in options:
         init = Trainer.create(base, cfg, tokens).state
         frozen = [n for n in init if "lora_" not in n and not n.startswith(("adamw.", "sgd."))]
