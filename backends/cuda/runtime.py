@@ -105,9 +105,9 @@ class Program:
         self.poison = False  # tests: fill every buffer r1c allocates with NaN / -1 so unwritten elements show
         self.profile: dict[str, float] | None = None  # set to {} to accumulate seconds per step label (syncs!)
         self.static: dict[str, torch.Tensor] = {}
-        self._run_static()
+        self.refresh_static()
 
-    def _run_static(self) -> None:
+    def refresh_static(self) -> None:
         """Weight-only work (expert fusion's concats, ...): once at load, and again when the weights change."""
         self.static = {}
         for step in self.plan["steps"]:
@@ -124,7 +124,7 @@ class Program:
                     f"expected {tuple(old.shape)} {old.dtype} on {old.device}"
                 )
         self.weights.update(new)
-        self._run_static()
+        self.refresh_static()
 
     def dtype_of(self, dtype: DType) -> torch.dtype:
         if dtype.is_float and dtype != DType.fp8e4m3 and self.float_dtype is not None:  # codes keep their dtype
@@ -408,9 +408,13 @@ class Program:
         graph.replay()
         return outs
 
-    def to_device(self, inputs: list[np.ndarray]) -> list[torch.Tensor]:
+    def to_device(self, inputs: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Host arrays moved (and cast) as the entry's arguments in their positions; device tensors kept as they are
+        (a pipeline stage's received activations beside the batch's token ids)."""
         return [
-            torch.from_numpy(np.require(x, np.int32 if x.dtype.kind in "iu" else x.dtype, "C")).to(
+            x
+            if isinstance(x, torch.Tensor)
+            else torch.from_numpy(np.require(x, np.int32 if x.dtype.kind in "iu" else x.dtype, "C")).to(
                 self.device, self.value_dtype(a.name)
             )
             for a, x in zip(self.fn.args, inputs)
@@ -427,9 +431,13 @@ class Program:
             return self.run_torch(inputs)
 
     def run(self, inputs: list[np.ndarray], cuda_graph: bool = False) -> list[np.ndarray]:
-        outs = self.forward(self.to_device([np.asarray(x) for x in inputs]), cuda_graph)
-        narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
-        return [(o.float() if o.dtype in narrow else o).cpu().numpy() for o in outs]
+        return host_arrays(self.forward(self.to_device([np.asarray(x) for x in inputs]), cuda_graph))
+
+
+def host_arrays(outs: list[torch.Tensor]) -> list[np.ndarray]:
+    """Results as numpy arrays on the host; bf16/f16/fp8 ones as float32 (numpy has no such dtypes)."""
+    narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+    return [(o.float() if o.dtype in narrow else o).cpu().numpy() for o in outs]
 
 
 _PROGRAMS: dict[tuple[str, str], Program] = {}

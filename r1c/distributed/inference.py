@@ -211,18 +211,16 @@ class _CudaStage:
         self.program = stage_program(module, f, weights, dtype)
 
     def __call__(self, args: list) -> list:
-        p = self.program
-        return p.forward([a if not isinstance(a, np.ndarray) else p.to_device([a])[0] for a in args])
+        return self.program.forward(self.program.to_device(args))
 
     def wire_dtype(self, value: Any) -> Any:
         """The torch dtype the previous stage sends this value in (bf16 under the artifact's dtype=bf16)."""
         return self.program.dtype_of(value.type.dtype)
 
     def to_host(self, outs: list) -> list[np.ndarray]:
-        import torch
+        from r1c.backends.cuda.runtime import host_arrays
 
-        narrow = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
-        return [(o.float() if o.dtype in narrow else o).cpu().numpy() for o in outs]
+        return host_arrays(outs)
 
 
 def _stage_runner(art: Artifact, module: Module, f: Function, weights: dict[str, np.ndarray], overrides: Any) -> Any:

@@ -69,13 +69,12 @@ def train_rank(rank: int, world: int, spec: TrainSpec, log: Callable[[StepResult
     from r1c.distributed.runtime import StageRunner
     from r1c.train.data import Batches
     from r1c.train.runtime import initial_state
-    from r1c.train.step_runner import prepare_loss
 
     cfg, pc = spec.cfg, spec.pipeline
     if world != pc.world:
         raise DistributedError(f"{pc.flags} needs {pc.world} processes, the job has {world}")
     replica, stage, dp_group = place(rank, pc)
-    base = prepare_loss(r1c.load(spec.model, overrides=spec.overrides or None), pc.target)
+    base = r1c.load(spec.model, overrides=spec.overrides or None)
     module, plans = build_pipeline(base, cfg, pc)
     data = Batches(spec.tokens, cfg.batch, cfg.seq, cfg.seed)
     channel = stage_channel(rank, world, pc)

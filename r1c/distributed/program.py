@@ -20,12 +20,14 @@ from r1c.distributed.stage_grad import VJP_SUFFIX, float_values, stage_vjp
 from r1c.ir.core import Function, Module, Value
 from r1c.ir.types import DType, TensorType
 from r1c.ir.verifier import verify
+from r1c.passes import PassManager
 from r1c.passes.pipeline_partition import pipeline_partition, stage_functions
 from r1c.passes.pipeline_schedule import SCHEDULES
 from r1c.train.config import TrainConfig
 from r1c.train.lora import apply_lora
 from r1c.train.mixed_precision import to_mixed_precision
 from r1c.train.step import emit_updates, expert_loads, is_trainable, optimizer_state_names
+from r1c.train.step_runner import loss_passes
 
 LOSS = "loss"
 UPDATE_SUFFIX = ".update"
@@ -165,11 +167,14 @@ def build_pipeline(base: Module, cfg: TrainConfig, pc: PipelineConfig) -> tuple[
         from r1c.distributed.expert_shard import shard_module  # it raises this module's DistributedError
 
         base, experts = shard_module(base, LOSS, pc.expert_parallel)
-    # As `build_train_step` does, before partitioning: each stage holds its own adapters and casts.
+    # As `build_train_step` does before differentiating, here before partitioning: each stage holds its own
+    # adapters and casts, in the target's preferred form (expert fusion on cuda).
     if cfg.lora_rank:
         base = apply_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), function=LOSS)
     if cfg.precision == "bf16":
         base = to_mixed_precision(base, function=LOSS, dtype=DType.bf16)
+    if passes := loss_passes(pc.target):
+        base = PassManager(passes).run(base)
     module = pipeline_partition(
         base,
         stages=pc.stages,

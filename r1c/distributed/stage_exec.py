@@ -13,14 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from r1c.distributed.program import DistributedError, StagePlan
+from r1c.distributed.program import StagePlan
 from r1c.ir.core import Function, Module, Value
 from r1c.ir.interpreter import run_function
 
 
 class RefStageExec:
-    device = None  # arrays are host numpy arrays
-
     def __init__(self, module: Module, plan: StagePlan, state: dict[str, np.ndarray], overrides: Any) -> None:
         self.module, self.state, self.overrides = module, state, overrides
 
@@ -73,7 +71,7 @@ class CudaStageExec:
 
     def run(self, f: Function, args: list) -> list:
         p = self.programs[f.name]
-        return p.forward([a if isinstance(a, self.torch.Tensor) else p.to_device([a])[0] for a in args])
+        return p.forward(p.to_device(args))
 
     def wire_dtype(self, value: Value) -> Any:
         """The torch dtype of `value` on the device (bf16 activations under mixed precision)."""
@@ -84,9 +82,10 @@ class CudaStageExec:
             self.torch.cuda.synchronize()
 
     def set_state(self, new: dict[str, Any]) -> None:
-        self.weights.update(new)
-        for p in self.programs.values():
-            p.set_weights({n: new[n] for n in new if n in p.weights})
+        first, *rest = self.programs.values()
+        first.set_weights(new)  # checks and replaces them in the dict every program shares
+        for p in rest:
+            p.refresh_static()
 
     def host_state(self) -> dict[str, np.ndarray]:
         return {n: t.cpu().numpy() for n, t in self.weights.items()}
@@ -124,10 +123,5 @@ def stage_program(
 
 
 def stage_exec(target: str, module: Module, plan: StagePlan, state: dict[str, np.ndarray], overrides: Any) -> Any:
-    if target == "ref":
-        return RefStageExec(module, plan, state, overrides)
-    if target == "cuda":
-        if overrides:
-            raise DistributedError("expert parallelism runs on the ref target only (no cuda all-to-all dispatch yet)")
-        return CudaStageExec(module, plan, state)
-    raise DistributedError(f"pipeline training target must be ref or cuda, got {target!r}")
+    """`target` as `PipelineConfig` checked it (which also refuses expert parallelism, the overrides, on cuda)."""
+    return CudaStageExec(module, plan, state) if target == "cuda" else RefStageExec(module, plan, state, overrides)

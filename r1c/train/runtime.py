@@ -86,7 +86,7 @@ class Trainer:
     def restore(self, path: str | Path) -> None:
         """Continue from a checkpoint of this same training setup (same module, config and data)."""
         state, meta = checkpoint.load(path)
-        if meta.get("state") != self.state_names or set(state) != set(self.state):
+        if meta.get("state") != self.state_names or set(state) != self.runner.tensor_names():
             raise checkpoint.CheckpointError(
                 f"{path}: the checkpoint holds another training state (different model, optimizer or LoRA setup)"
             )

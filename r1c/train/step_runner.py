@@ -34,6 +34,10 @@ class StepRunner(Protocol):
 
     def get_state(self) -> dict[str, np.ndarray]: ...
 
+    def tensor_names(self) -> set[str]:
+        """The names `get_state` returns, without copying the tensors."""
+        ...
+
     def set_state(self, state: dict[str, np.ndarray]) -> None: ...
 
 
@@ -42,16 +46,6 @@ def loss_passes(target: str) -> str:
     if target not in TARGETS:
         raise TrainTargetError(f"training target must be one of {', '.join(TARGETS)}, got {target!r}")
     return CUDA_LOSS_PASSES if target == "cuda" else ""
-
-
-def prepare_loss(base: Module, target: str) -> Module:
-    """`base` in the form whose loss is differentiated on `target` (same params: the weights carry over)."""
-    passes = loss_passes(target)
-    if not passes:
-        return base
-    from r1c.passes import PassManager
-
-    return PassManager(passes).run(base)
 
 
 def step_runner(module: Module, state: dict[str, np.ndarray], target: str) -> StepRunner:
@@ -74,6 +68,9 @@ class RefStepRunner:
 
     def get_state(self) -> dict[str, np.ndarray]:
         return self.state
+
+    def tensor_names(self) -> set[str]:
+        return set(self.state)
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         self.state = state
@@ -98,6 +95,9 @@ class CudaStepRunner:
 
     def get_state(self) -> dict[str, np.ndarray]:
         return {n: t.cpu().numpy() for n, t in self.program.weights.items()}
+
+    def tensor_names(self) -> set[str]:
+        return set(self.program.weights)
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         import torch
